@@ -1,0 +1,169 @@
+r"""The estimators of SPEC §2, computed once, from per-sequence terms.
+
+Notation (one entry per sequence i of E, N in all, grouped by prompt g):
+
+    S_i(θ) = Σ_k log q_θ(y_ik)     f_i(θ) = Σ_k H(q_θ,ik) ("rb") or −S_i(θ) ("naive")
+    c_i    = T_i ("token") or 1 ("sequence")
+    w_i(θ) = exp(S_i(θ) − S_i(θ₀))      (log space, shifted by the max before exp)
+
+    Ĥ(θ) = Σ_i w_i f_i / Σ_i w_i c_i ,   g(s) = Ĥ(θ₀ + sΔθ).
+
+At s = 0 all w_i = 1. With S'_i, f'_i, S''_i, f''_i the directional derivatives along Δθ,
+F = Σ f, C = Σ c, and g = g(0):
+
+    g′(0) = Σ_i [f'_i + (f_i − g c_i) S'_i] / C
+    g″(0) = Σ_i [(f_i − g c_i)(S''_i + S'_i²) + f''_i + 2 S'_i f'_i − 2 g′ c_i S'_i] / C
+
+(from g·D = N with N = Σ w f, D = Σ w c, w' = w S', w'' = w (S'' + S'²)).
+
+Every statistic is a smooth function of column sums Σ_i x_i. Its standard error is the
+grouped (leave-one-prompt-out) jackknife, computed in O(N) from per-group sums:
+
+    θ̂_(−g) = stat(total − sum_g),   se² = (G−1)/G · Σ_g (θ̂_(−g) − mean_g θ̂_(−g))².
+
+All arithmetic here is float64 on the CPU.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+Statistic = Callable[[Tensor], Tensor]  # column sums [..., K] -> value [...]
+
+
+def _f64(x: Tensor) -> Tensor:
+    return x.detach().to(device="cpu", dtype=torch.float64)
+
+
+def normaliser(token_counts: Tensor, normalize: str) -> Tensor:
+    """c_i: T_i for "token" (nats per token), 1 for "sequence" (nats per sequence)."""
+    counts = _f64(token_counts)
+    return counts if normalize == "token" else torch.ones_like(counts)
+
+
+def group_index(group: Tensor) -> tuple[Tensor, int]:
+    """Dense group ids 0..G-1 from arbitrary prompt indices."""
+    _, dense = torch.unique(group.detach().cpu(), return_inverse=True)
+    return dense, int(dense.max()) + 1
+
+
+def jackknife_se(columns: Tensor, group: Tensor, statistic: Statistic) -> float:
+    """Grouped-jackknife standard error of ``statistic`` of the column sums of ``columns`` [N, K].
+
+    NaN when there are fewer than two groups.
+    """
+    dense, num_groups = group_index(group)
+    if num_groups < 2:
+        return math.nan
+    per_group = torch.zeros(num_groups, columns.shape[1], dtype=torch.float64).index_add_(0, dense, columns)
+    leave_out = statistic(columns.sum(0) - per_group)
+    spread = ((leave_out - leave_out.mean()) ** 2).sum()
+    return float(torch.sqrt((num_groups - 1) / num_groups * spread))
+
+
+def _ratio(sums: Tensor) -> Tensor:
+    return sums[..., 0] / sums[..., 1]
+
+
+@dataclass(frozen=True)
+class RatioTerms:
+    """The value of Ĥ at θ₀ and its jackknife standard error."""
+
+    value: float
+    se: float
+
+
+def entropy_at_origin(integrand: Tensor, norm: Tensor, group: Tensor) -> RatioTerms:
+    """Ĥ(θ₀) = Σ f_i / Σ c_i (all weights 1)."""
+    columns = torch.stack([_f64(integrand), _f64(norm)], 1)
+    return RatioTerms(float(_ratio(columns.sum(0))), jackknife_se(columns, group, _ratio))
+
+
+def snis_weights(log_prob: Tensor, log_prob_origin: Tensor) -> Tensor:
+    """w_i = exp(S_i(θ) − S_i(θ₀)), divided by max_i w_i (the SNIS ratio is scale-free).
+
+    A sequence whose sampled token left the support (S_i(θ) = −inf) gets weight 0.
+    """
+    log_w = _f64(log_prob) - _f64(log_prob_origin)
+    return torch.exp(log_w - log_w.max())
+
+
+@dataclass(frozen=True)
+class ShiftTerms:
+    """Ĥ(θ₀ + sΔθ), the measured ΔH with its standard error, and the ESS fraction."""
+
+    after: float
+    delta: float
+    delta_se: float
+    ess_fraction: float
+
+
+def measured_shift(weights: Tensor, integrand: Tensor, integrand_origin: Tensor, norm: Tensor,
+                   group: Tensor) -> ShiftTerms:
+    """ΔH(s) = Σ w f(θ_s) / Σ w c − Σ f(θ₀) / Σ c, with ESS = (Σw)² / Σw² / N."""
+    w = _f64(weights)
+    # 0·∞ guard: a sequence with weight 0 contributes nothing even if f_i(θ) is infinite.
+    weighted_f = torch.where(w > 0, w * _f64(integrand), 0.0)
+    columns = torch.stack([weighted_f, w * _f64(norm), _f64(integrand_origin), _f64(norm)], 1)
+
+    def delta(sums: Tensor) -> Tensor:
+        return sums[..., 0] / sums[..., 1] - sums[..., 2] / sums[..., 3]
+
+    sums = columns.sum(0)
+    ess = float(w.sum() ** 2 / (w.square().sum() * w.numel()))
+    return ShiftTerms(float(_ratio(sums)), float(delta(sums)), jackknife_se(columns, group, delta), ess)
+
+
+@dataclass(frozen=True)
+class TaylorTerms:
+    """g(0), g′(0), g″(0) along Δθ, with standard errors and per-sequence contributions."""
+
+    entropy: float
+    entropy_se: float
+    linear: float
+    linear_se: float
+    per_sequence_linear: Tensor  # a_i, Σ a_i = g′(0)
+    curvature: float | None = None
+    curvature_se: float | None = None
+
+
+def _linear(sums: Tensor) -> Tensor:
+    # columns: 0 f, 1 c, 2 f', 3 f·S', 4 c·S'
+    g = sums[..., 0] / sums[..., 1]
+    return (sums[..., 2] + sums[..., 3] - g * sums[..., 4]) / sums[..., 1]
+
+
+def _curvature(sums: Tensor) -> Tensor:
+    # columns 0-4 as in _linear; 5 f·S'', 6 c·S'', 7 f'', 8 f·S'², 9 c·S'², 10 S'·f'
+    g = sums[..., 0] / sums[..., 1]
+    slope = _linear(sums)
+    numerator = (sums[..., 5] - g * sums[..., 6] + sums[..., 7] + sums[..., 8] - g * sums[..., 9]
+                 + 2 * sums[..., 10] - 2 * slope * sums[..., 4])
+    return numerator / sums[..., 1]
+
+
+def taylor_terms(integrand: Tensor, norm: Tensor, d_log_prob: Tensor, d_integrand: Tensor, group: Tensor,
+                 d2_log_prob: Tensor | None = None, d2_integrand: Tensor | None = None) -> TaylorTerms:
+    """g(0), g′(0) (and g″(0) when second derivatives are given), per the module formulas.
+
+    Per-sequence linear contributions: a_i = [f'_i + (f_i − g c_i) S'_i] / C.
+    """
+    f, c, ds, df = _f64(integrand), _f64(norm), _f64(d_log_prob), _f64(d_integrand)
+    first = torch.stack([f, c, df, f * ds, c * ds], 1)
+    sums = first.sum(0)
+    g = float(_ratio(sums))
+    per_sequence = (df + (f - g * c) * ds) / sums[1]
+    origin = entropy_at_origin(f, c, group)
+    terms = dict(entropy=g, entropy_se=origin.se, linear=float(_linear(sums)),
+                 linear_se=jackknife_se(first, group, _linear), per_sequence_linear=per_sequence)
+    if d2_log_prob is None:
+        return TaylorTerms(**terms)
+    d2s, d2f = _f64(d2_log_prob), _f64(d2_integrand)
+    second = torch.cat([first, torch.stack([f * d2s, c * d2s, d2f, f * ds**2, c * ds**2, ds * df], 1)], 1)
+    return TaylorTerms(**terms, curvature=float(_curvature(second.sum(0))),
+                       curvature_se=jackknife_se(second, group, _curvature))

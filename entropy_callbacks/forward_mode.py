@@ -1,0 +1,77 @@
+"""Making a Hugging Face model safe for forward-mode AD (JVPs), first and second order.
+
+Three facts about this stack (SPEC §4) are handled here, and only here:
+
+- Fused attention kernels (CPU flash, CUDA flash/efficient, the flash-attn package) have no
+  forward-AD rule: JVP passes run SDPA under the MATH backend, and a model configured for a
+  flash implementation is switched to "sdpa" for the pass and back afterwards.
+- ``F.layer_norm``'s second-order forward derivative is wrong in this torch with no error
+  (nested ``jvp`` through GPT-2 was off by 3-33 %, PyTorch #196700): nested passes replace
+  it by the same function written with mean/rsqrt, whose derivatives are exact.
+- silu's forward-AD rule calls ``silu_backward`` which has none of its own; under grad mode
+  torch.func decomposes it instead, so nested passes run with grad mode on (every input is a
+  detached tensor, so no graph is kept).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from .model_guard import hf_model
+
+_FUSED_ONLY = ("flash_attention_2", "flash_attention_3", "flex_attention", "paged_attention")
+
+
+def _layer_norm_exact(x: torch.Tensor, normalized_shape: Sequence[int], weight=None, bias=None,
+                      eps: float = 1e-5) -> torch.Tensor:
+    dims = tuple(range(-len(normalized_shape), 0))
+    centred = x - x.mean(dims, keepdim=True)
+    y = centred * torch.rsqrt(centred.square().mean(dims, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+@contextlib.contextmanager
+def _exact_layer_norm() -> Iterator[None]:
+    original = F.layer_norm
+    F.layer_norm = _layer_norm_exact
+    try:
+        yield
+    finally:
+        F.layer_norm = original
+
+
+@contextlib.contextmanager
+def _jvp_attention(model: torch.nn.Module) -> Iterator[None]:
+    inner = hf_model(model)
+    original = getattr(inner.config, "_attn_implementation", None)
+    switch = original in _FUSED_ONLY and hasattr(inner, "set_attn_implementation")
+    if switch:
+        inner.set_attn_implementation("sdpa")
+    try:
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
+    finally:
+        if switch:
+            inner.set_attn_implementation(original)
+
+
+@contextlib.contextmanager
+def forward_ad_ready(model: torch.nn.Module, order: int) -> Iterator[None]:
+    """Context for a JVP pass of the given order (1: single JVP, 2: nested JVP)."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_jvp_attention(model))
+        if order >= 2:
+            stack.enter_context(_exact_layer_norm())
+            stack.enter_context(torch.enable_grad())
+        else:
+            stack.enter_context(torch.no_grad())
+        yield

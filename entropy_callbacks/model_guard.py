@@ -1,0 +1,79 @@
+"""Running probe passes on a user's model without changing anything about it.
+
+``probe_mode`` puts the model in eval mode (no dropout), switches gradient checkpointing off
+(it does not compose with torch.func transforms) and snapshots the global RNG; on exit it
+restores each module's own train flag, the checkpointing flags and the RNG exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+
+def hf_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The Hugging Face model under a peft wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_parameters(cls: type) -> frozenset[str]:
+    return frozenset(inspect.signature(cls.forward).parameters)
+
+
+def forward_kwargs(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
+                   keep_last: int | None = None) -> dict:
+    """Keyword arguments for a causal-LM forward with explicit positions.
+
+    GPT-2 needs explicit position ids under left padding (SPEC §4); ``keep_last`` asks the
+    model to apply its LM head to the last positions only, where it supports ``logits_to_keep``.
+    """
+    accepted = _forward_parameters(type(hf_model(model)))
+    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if "position_ids" in accepted:
+        kwargs["position_ids"] = position_ids
+    if keep_last is not None and "logits_to_keep" in accepted:
+        kwargs["logits_to_keep"] = keep_last
+    return kwargs
+
+
+@contextlib.contextmanager
+def preserved_rng(device: torch.device | None = None) -> Iterator[None]:
+    """Restore the global CPU RNG (and the CUDA RNG of ``device``) on exit."""
+    cpu_state = torch.get_rng_state()
+    cuda_state = None
+    if device is not None and device.type == "cuda":
+        cuda_state = torch.cuda.get_rng_state(device)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu_state)
+        if cuda_state is not None:
+            torch.cuda.set_rng_state(cuda_state, device)
+
+
+@contextlib.contextmanager
+def probe_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode, no gradient checkpointing, global RNG preserved; all restored on exit."""
+    modules = list(model.modules())
+    training = [m.training for m in modules]
+    checkpointing = [(m, m.gradient_checkpointing) for m in modules
+                     if isinstance(getattr(m, "gradient_checkpointing", None), bool)]
+    device = next(model.parameters()).device
+    try:
+        with preserved_rng(device):
+            model.eval()
+            for m, _ in checkpointing:
+                m.gradient_checkpointing = False
+            yield
+    finally:
+        for m, flag in zip(modules, training):
+            m.training = flag
+        for m, flag in checkpointing:
+            m.gradient_checkpointing = flag

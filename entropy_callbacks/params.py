@@ -1,0 +1,91 @@
+"""Parameter mappings: checking ``base`` (θ₀) and ``delta`` (Δθ), and building θ₀ + s·Δθ."""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import torch
+from torch import Tensor
+
+
+def _check_names(kind: str, mapping: Mapping[str, Tensor], params: dict[str, torch.nn.Parameter]) -> None:
+    unknown = sorted(set(mapping) - set(params))
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+        raise ValueError(f"{kind} names {len(unknown)} tensors that are not parameters of the model: {shown}; "
+                         "use the names from model.named_parameters()")
+
+
+def _check_tensors(kind: str, mapping: Mapping[str, Tensor], params: dict[str, torch.nn.Parameter]) -> None:
+    if not isinstance(mapping, Mapping):
+        raise ValueError(f"{kind} must be a mapping from parameter names to tensors, got {type(mapping).__name__}")
+    _check_names(kind, mapping, params)
+    for name, value in mapping.items():
+        if not isinstance(value, Tensor):
+            raise ValueError(f"{kind}[{name!r}] is a {type(value).__name__}, expected a tensor")
+        if tuple(value.shape) != tuple(params[name].shape):
+            raise ValueError(f"{kind}[{name!r}] has shape {tuple(value.shape)} but the parameter has "
+                             f"shape {tuple(params[name].shape)}")
+        if not value.is_floating_point():
+            raise ValueError(f"{kind}[{name!r}] has dtype {value.dtype}; expected a floating-point tensor")
+
+
+def check_point(model: torch.nn.Module, base: Mapping[str, Tensor]) -> dict[str, torch.nn.Parameter]:
+    """Validate a θ₀ mapping (names, shapes, dtypes); returns the model's named parameters."""
+    params = dict(model.named_parameters())
+    _check_tensors("base", base, params)
+    for name, value in base.items():
+        if value.dtype != params[name].dtype:
+            raise ValueError(f"base[{name!r}] has dtype {value.dtype} but the parameter is {params[name].dtype}; "
+                             "snapshot θ₀ in the parameter's own dtype")
+    return params
+
+
+def check_step(model: torch.nn.Module, base: Mapping[str, Tensor],
+               delta: Mapping[str, Tensor]) -> dict[str, torch.nn.Parameter]:
+    """Validate θ₀ and Δθ against the model; returns the model's named parameters.
+
+    ``delta`` must name trainable parameters with matching shapes and finite floating values;
+    ``base`` must name parameters with matching shape and dtype.
+    """
+    params = check_point(model, base)
+    _check_tensors("delta", delta, params)
+    if not delta:
+        raise ValueError("delta is empty; pass Δθ for at least one trainable parameter")
+    frozen = sorted(n for n in delta if not params[n].requires_grad)
+    if frozen:
+        raise ValueError(f"delta names parameters that are not trainable (requires_grad=False): {frozen[:5]}; "
+                         "Δθ should cover the trainable parameters only (e.g. the LoRA tensors)")
+    for name, value in delta.items():
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"delta[{name!r}] contains NaN or inf; the captured step is not usable")
+    return params
+
+
+def check_scales(scales) -> tuple[float, ...]:
+    scales = tuple(float(s) for s in scales)
+    if not scales:
+        raise ValueError("scales is empty; pass at least one step scale, e.g. (1.0,)")
+    bad = [s for s in scales if not (math.isfinite(s) and s > 0)]
+    if bad:
+        raise ValueError(f"scales must be finite and > 0, got {bad}")
+    return scales
+
+
+def point_on_step(params: dict[str, torch.nn.Parameter], base: Mapping[str, Tensor],
+                  delta: Mapping[str, Tensor], scale: float) -> dict[str, Tensor]:
+    """θ₀ + s·Δθ for the named tensors (computed in at least float32, stored in the param dtype)."""
+    point = {n: base[n].detach() for n in base}
+    for name, step in delta.items():
+        param = params[name]
+        origin = base[name] if name in base else param
+        wide = torch.promote_types(param.dtype, torch.float32)
+        value = origin.detach().to(device=param.device, dtype=wide) + scale * step.detach().to(param.device, wide)
+        point[name] = value.to(param.dtype)
+    return {n: t.to(params[n].device) for n, t in point.items()}
+
+
+def tangent(params: dict[str, torch.nn.Parameter], delta: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Δθ on each parameter's device and in its dtype (forward AD needs primal and tangent alike)."""
+    return {n: d.detach().to(device=params[n].device, dtype=params[n].dtype) for n, d in delta.items()}

@@ -1,0 +1,51 @@
+"""Typed results of the public functions (plain floats; standard errors are grouped jackknife)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Ĥ on E (nats per token or per sequence) and its standard error."""
+
+    value: float
+    se: float
+    num_sequences: int = 0
+    num_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Taylor prediction of g(s) − g(0) along the step, from derivatives at θ₀."""
+
+    entropy: float
+    entropy_se: float
+    linear: float  # g′(0)
+    linear_se: float
+    curvature: float | None  # g″(0) (order 2)
+    quadratic: float | None  # g′(0) + ½ g″(0)
+    per_sequence_linear: Tensor = field(repr=False)  # a_i, sums to g′(0)
+    curvature_se: float | None = None
+
+    def at_scale(self, scale: float) -> tuple[float, float | None]:
+        """(s·g′(0), s·g′(0) + ½ s² g″(0)) — the linear and quadratic predictions at scale s."""
+        linear = scale * self.linear
+        quadratic = None if self.curvature is None else linear + 0.5 * scale**2 * self.curvature
+        return linear, quadratic
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """Ĥ re-estimated by SNIS at θ₀ + sΔθ for each scale s, on the same E."""
+
+    entropy_before: float
+    entropy_after: list[float]
+    delta: list[float]
+    delta_se: list[float]
+    ess_fraction: list[float]
+    outside_support: list[float]  # mean θ-side mass outside θ₀'s support per response token
+    scales: tuple[float, ...]
+    entropy_before_se: float = float("nan")

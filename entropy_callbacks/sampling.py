@@ -1,0 +1,259 @@
+"""Drawing the evaluation batch E from the policy at θ₀.
+
+Sampling is a deterministic function of (seed, prompt index, response index): every row owns a
+``torch.Generator`` seeded from that triple and draws one vector of Gumbel noise per decoding
+step, so the same sequences come out whatever the batch size or DDP rank, and the global RNG is
+never touched. Gumbel-max over the truncated, temperature-scaled log-probabilities samples
+exactly from the sampling distribution q_θ of SPEC §2.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field, replace
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from .distribution import sampling_log_probs
+from .model_guard import probe_mode, forward_kwargs
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How E is sampled; also defines q_θ when E is re-scored at any θ."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off (HF generate would apply top_k=50 unless told 0)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"SamplingConfig.max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not (self.temperature > 0) or self.temperature != self.temperature or self.temperature == float("inf"):
+            raise ValueError(f"SamplingConfig.temperature must be a finite number > 0, got {self.temperature!r}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"SamplingConfig.top_p must lie in (0, 1], got {self.top_p!r}; use 1.0 to turn top-p off")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"SamplingConfig.top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+
+    @property
+    def truncates(self) -> bool:
+        """True when top-k or top-p restricts the support of q_θ."""
+        return self.top_k > 0 or self.top_p < 1.0
+
+
+@dataclass
+class ProbeBatch:
+    """The evaluation batch E: left-padded prompts followed by sampled responses.
+
+    Every row has the same prompt width ``prompt_length`` (left padding), so column
+    ``prompt_length + k`` holds response token k of every row.
+    """
+
+    input_ids: Tensor  # [N, L] long
+    attention_mask: Tensor  # [N, L] long: 1 on prompt tokens and counted response tokens
+    response_mask: Tensor  # [N, L] bool: response tokens that count (up to and including EOS)
+    group: Tensor  # [N] long: prompt index g
+    response_index: Tensor  # [N] long: response index r within the prompt
+    config: SamplingConfig
+    prompt_length: int
+    seed: int = 0
+    # log q_θ₀(y_ik) as the sampler computed it, 0 where response_mask is False.
+    sampler_log_probs: Tensor | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def response_lengths(self) -> Tensor:
+        """T_i, the number of response tokens that count, per sequence."""
+        return self.response_mask.sum(-1)
+
+    @property
+    def num_groups(self) -> int:
+        return int(self.group.unique().numel())
+
+    def select(self, index: Tensor | slice | Sequence[int]) -> "ProbeBatch":
+        """The rows ``index`` as a new batch with the same layout."""
+        if not isinstance(index, (Tensor, slice)):
+            index = torch.as_tensor(list(index), dtype=torch.long)
+        pick = lambda t: None if t is None else t[index]  # noqa: E731
+        return replace(
+            self,
+            input_ids=self.input_ids[index],
+            attention_mask=self.attention_mask[index],
+            response_mask=self.response_mask[index],
+            group=self.group[index],
+            response_index=self.response_index[index],
+            sampler_log_probs=pick(self.sampler_log_probs),
+        )
+
+    def microbatches(self, size: int | None) -> Iterator["ProbeBatch"]:
+        n = len(self)
+        size = n if size is None else size
+        for start in range(0, n, size):
+            yield self.select(slice(start, start + size))
+
+    def to(self, device: torch.device | str) -> "ProbeBatch":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return replace(
+            self,
+            input_ids=move(self.input_ids),
+            attention_mask=move(self.attention_mask),
+            response_mask=move(self.response_mask),
+            group=move(self.group),
+            response_index=move(self.response_index),
+            sampler_log_probs=move(self.sampler_log_probs),
+        )
+
+
+def row_seed(seed: int, prompt_index: int, response_index: int) -> int:
+    """A 63-bit generator seed that depends only on (seed, prompt index, response index)."""
+    digest = hashlib.blake2b(f"{seed}/{prompt_index}/{response_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def context_length(model: torch.nn.Module) -> int | None:
+    """The model's maximum number of positions, when its config states one."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int | None) -> list[list[int]]:
+    if isinstance(prompts, (str, bytes)) or len(prompts) == 0:
+        raise ValueError("prompts must be a non-empty sequence of token-id lists; tokenize strings first")
+    checked = []
+    for g, prompt in enumerate(prompts):
+        if isinstance(prompt, str):
+            raise ValueError(f"prompt {g} is a string; pass token ids (tokenize it first)")
+        ids = [int(t) for t in (prompt.tolist() if isinstance(prompt, Tensor) else prompt)]
+        if not ids:
+            raise ValueError(f"prompt {g} is empty; every prompt needs at least one token")
+        if vocab_size is not None and (min(ids) < 0 or max(ids) >= vocab_size):
+            raise ValueError(f"prompt {g} has token ids outside [0, {vocab_size}); check the tokenizer matches the model")
+        checked.append(ids)
+    return checked
+
+
+def _eos_set(eos_token_id: int | Sequence[int]) -> list[int]:
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    if not ids:
+        raise ValueError("eos_token_id must be an int or a non-empty sequence of ints")
+    return [int(i) for i in ids]
+
+
+def _left_pad(prompts: list[list[int]], width: int, pad_token_id: int, device) -> tuple[Tensor, Tensor]:
+    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
+    for i, prompt in enumerate(prompts):
+        ids[i, width - len(prompt):] = torch.tensor(prompt, device=device)
+        mask[i, width - len(prompt):] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def _decode(model, rows: list[tuple[list[int], int, int]], width: int, config: SamplingConfig,
+            eos: Tensor, pad_token_id: int, seed: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Sample responses for ``rows`` = [(prompt ids, prompt index, response index)].
+
+    Returns (tokens [n, steps], log q of each sampled token [n, steps]). Rows keep drawing noise
+    after their EOS so that row i's t-th draw always happens at step t (batch-size invariance).
+    """
+    n = len(rows)
+    ids, mask = _left_pad([prompt for prompt, _, _ in rows], width, pad_token_id, device)
+    generators = [torch.Generator(device=device).manual_seed(row_seed(seed, g, r)) for _, g, r in rows]
+    tokens, log_probs = [], []
+    finished = torch.zeros(n, dtype=torch.bool, device=device)
+    cache, step_input = None, ids
+    for _ in range(config.max_new_tokens):
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        kwargs = forward_kwargs(model, step_input, mask, position_ids[:, -step_input.shape[1]:], keep_last=1)
+        out = model(**kwargs, past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        logq, _ = sampling_log_probs(out.logits[:, -1].float(), config)
+        vocab = logq.shape[-1]
+        uniform = torch.stack([torch.rand(vocab, generator=gen, device=device) for gen in generators])
+        gumbel = -torch.log(-torch.log(uniform.clamp(min=torch.finfo(uniform.dtype).tiny)))
+        token = (logq + gumbel).argmax(-1)
+        token = torch.where(finished, torch.full_like(token, pad_token_id), token)
+        tokens.append(token)
+        log_probs.append(logq.gather(-1, token[:, None]).squeeze(-1).masked_fill(finished, 0.0))
+        finished |= torch.isin(token, eos)
+        if bool(finished.all()):
+            break
+        step_input = token[:, None]
+        mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=device)], dim=1)
+    return torch.stack(tokens, 1), torch.stack(log_probs, 1)
+
+
+def sample_batch(model, prompts: Sequence[Sequence[int]], config: SamplingConfig, *,
+                 eos_token_id: int | Sequence[int], pad_token_id: int, responses_per_prompt: int = 1,
+                 seed: int = 0, batch_size: int | None = None,
+                 prompt_indices: Sequence[int] | None = None) -> ProbeBatch:
+    """Sample E: ``responses_per_prompt`` responses for each prompt from the model as it is.
+
+    ``prompt_indices`` gives each prompt's global index g (default 0..G-1); DDP ranks pass their
+    share's global indices so that the seeds, and so the sequences, match a single process.
+    The model's train/eval mode, gradient-checkpointing flags and the global RNG are unchanged.
+    """
+    if not isinstance(config, SamplingConfig):
+        raise ValueError(f"config must be a SamplingConfig, got {type(config).__name__}")
+    vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+    prompts = _check_prompts(prompts, vocab_size)
+    if responses_per_prompt < 1:
+        raise ValueError(f"responses_per_prompt must be >= 1, got {responses_per_prompt}")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
+    indices = list(range(len(prompts))) if prompt_indices is None else [int(i) for i in prompt_indices]
+    if len(indices) != len(prompts):
+        raise ValueError(f"prompt_indices has {len(indices)} entries for {len(prompts)} prompts")
+    width = max(len(p) for p in prompts)
+    limit = context_length(model)
+    if limit is not None and width + config.max_new_tokens > limit:
+        raise ValueError(
+            f"the longest prompt ({width} tokens) plus max_new_tokens ({config.max_new_tokens}) exceeds the "
+            f"model's context of {limit} positions; shorten the prompts or lower max_new_tokens")
+    device = next(model.parameters()).device
+    eos = torch.tensor(_eos_set(eos_token_id), device=device)
+    rows = [(prompt, g, r) for prompt, g in zip(prompts, indices) for r in range(responses_per_prompt)]
+    size = len(rows) if batch_size is None else batch_size
+
+    chunks = []
+    with probe_mode(model):
+        for start in range(0, len(rows), size):
+            chunks.append(_decode(model, rows[start:start + size], width, config, eos, pad_token_id, seed, device))
+    steps = max(t.shape[1] for t, _ in chunks)
+    pad = lambda t, v: torch.nn.functional.pad(t, (0, steps - t.shape[1]), value=v)  # noqa: E731
+    tokens = torch.cat([pad(t, pad_token_id) for t, _ in chunks])
+    log_probs = torch.cat([pad(lp, 0.0) for _, lp in chunks])
+
+    # A response ends at its first EOS (which counts) or at max_new_tokens.
+    is_eos = torch.isin(tokens, eos)
+    after_eos = (is_eos.cumsum(1) - is_eos.long()) > 0
+    counted = ~after_eos
+    length = int(counted.sum(1).max())
+    tokens = tokens[:, :length].masked_fill(~counted[:, :length], pad_token_id)
+    counted = counted[:, :length]
+    log_probs = log_probs[:, :length].masked_fill(~counted, 0.0)
+
+    n = len(rows)
+    prompt_ids, prompt_mask = _left_pad([prompt for prompt, _, _ in rows], width, pad_token_id, device)
+    no_response = torch.zeros((n, width), dtype=torch.bool, device=device)
+    return ProbeBatch(
+        input_ids=torch.cat([prompt_ids, tokens], 1),
+        attention_mask=torch.cat([prompt_mask, counted.long()], 1),
+        response_mask=torch.cat([no_response, counted], 1),
+        group=torch.tensor([g for _, g, _ in rows], device=device),
+        response_index=torch.tensor([r for _, _, r in rows], device=device),
+        config=config,
+        prompt_length=width,
+        seed=seed,
+        sampler_log_probs=torch.cat([torch.zeros((n, width), device=device), log_probs], 1),
+    )
