@@ -1,5 +1,6 @@
 """entropy-callbacks: predict (JVP) and measure (SNIS) the policy-entropy change of RL steps."""
 
+from .callback import EntropyProbe
 from .engine import entropy_estimate, measure_delta_h, predict_delta_h
 from .results import Estimate, Measurement, Prediction
 from .sampling import ProbeBatch, SamplingConfig, sample_batch
@@ -8,5 +9,6 @@ __all__ = [
     "SamplingConfig", "ProbeBatch", "sample_batch",
     "entropy_estimate", "predict_delta_h", "measure_delta_h",
     "Estimate", "Prediction", "Measurement",
+    "EntropyProbe",
 ]
 __version__ = "0.1.0"

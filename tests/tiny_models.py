@@ -75,3 +75,16 @@ def float64_rmsnorm():
     finally:
         for c, f in zip(classes, originals):
             c.forward = f
+
+
+def random_step(model, scale: float = 1e-3, seed: int = 0):
+    """(base, delta): θ₀ snapshot and a random Δθ over the model's trainable parameters.
+
+    Drawn from a private generator, so the global RNG is not touched."""
+    gen = torch.Generator().manual_seed(seed)
+    base, delta = {}, {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            base[name] = p.detach().clone()
+            delta[name] = scale * torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype)
+    return base, delta

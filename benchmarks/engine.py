@@ -1,0 +1,212 @@
+"""Cost of the entropy-callbacks passes, each as a ratio to one no-grad forward of the same batch.
+
+Run:  .venv/bin/python benchmarks/engine.py [--repeats 5] [--device cpu|cuda] [--dtype float32] ...
+
+On a Llama-style model with random weights (default: hidden 256, 4 layers, vocab 512) and a
+batch E of 16 sequences x 64 sampled tokens, it times, side by side in one run:
+
+- forward        one teacher-forced ``model(input_ids, attention_mask, position_ids,
+                 use_cache=False)`` of E under ``torch.no_grad`` -- the unit of every ratio
+- sampling       ``sample_batch`` drawing E (no target)
+- one scale      ``measure_delta_h(scales=(1,))``: the theta0 pass plus one scaled pass
+- further scale  ``measure_delta_h(scales=(1, 2))`` minus ``measure_delta_h(scales=(1,))``
+- order 1        ``predict_delta_h(order=1)``: one JVP pass
+- order 2        ``predict_delta_h(order=2)``: one nested JVP pass
+
+Repeats are interleaved (each repeat runs every operation once, in a rotated order) and every
+ratio is the median over repeats of (operation time / forward time in the same repeat), so
+drift and noise from other work on the machine hit numerator and denominator alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from entropy_callbacks import SamplingConfig, measure_delta_h, predict_delta_h, sample_batch  # noqa: E402
+
+TARGETS = {  # CPU targets, as multiples of one no-grad forward
+    "one scale": 2.5,
+    "further scale": 1.3,
+    "order 1": 3.5,
+    "order 2": 10.0,
+}
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--repeats", type=int, default=15, help="interleaved timed repeats (after one warm-up)")
+    p.add_argument("--hidden", type=int, default=256, help="hidden size")
+    p.add_argument("--layers", type=int, default=4, help="decoder layers")
+    p.add_argument("--heads", type=int, default=4, help="attention heads")
+    p.add_argument("--vocab", type=int, default=512, help="vocabulary size")
+    p.add_argument("--seqs", type=int, default=16, help="sequences in E")
+    p.add_argument("--tokens", type=int, default=64, help="response tokens per sequence (max_new_tokens)")
+    p.add_argument("--prompt", type=int, default=16, help="prompt tokens per sequence")
+    p.add_argument("--top-k", type=int, default=0, help="sampling top-k (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="sampling top-p (1 = off)")
+    p.add_argument("--step-size", type=float, default=1e-3, help="delta-theta = step_size * randn, every parameter")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
+    return args
+
+
+def build_model(args: argparse.Namespace) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=688 if args.hidden == 256 else 4 * args.hidden,  # Llama's 8/3*h rounded, as 688 for h=256
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads,
+        max_position_embeddings=max(128, args.prompt + args.tokens),
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(args.seed)
+    model = AutoModelForCausalLM.from_config(config)
+    return model.to(device=args.device, dtype=DTYPES[args.dtype]).eval()
+
+
+def draw_batch(model, args: argparse.Namespace, config: SamplingConfig):
+    gen = torch.Generator().manual_seed(args.seed)
+    # Prompt ids avoid pad (0); lengths vary a little so left padding is exercised.
+    prompts = [torch.randint(3, args.vocab, (args.prompt - (i % 3),), generator=gen).tolist()
+               for i in range(args.seqs)]
+    # EOS = an id outside the vocabulary: it is never sampled, so every response is full length
+    # (exactly --tokens tokens) and every pass runs at the nominal shape.
+    kwargs = dict(eos_token_id=[args.vocab], pad_token_id=0, seed=args.seed)
+    return lambda: sample_batch(model, prompts, config, **kwargs)
+
+
+def make_step(model, args: argparse.Namespace):
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    delta = {n: (args.step_size * torch.randn(p.shape, generator=gen)).to(p.device, p.dtype)
+             for n, p in model.named_parameters()}
+    return base, delta
+
+
+def timer(device: str) -> Callable[[Callable[[], object]], float]:
+    def run(fn: Callable[[], object]) -> float:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+    return run
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device available", file=sys.stderr)
+        return 2
+
+    model = build_model(args)
+    config = SamplingConfig(max_new_tokens=args.tokens, top_k=args.top_k, top_p=args.top_p)
+    sample = draw_batch(model, args, config)
+    batch = sample()
+    base, delta = make_step(model, args)
+
+    input_ids, attention_mask = batch.input_ids, batch.attention_mask
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    lengths = batch.response_lengths
+
+    def forward():
+        with torch.no_grad():
+            return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=False).logits
+
+    ops: dict[str, Callable[[], object]] = {
+        "forward": forward,
+        "sampling": sample,
+        "measure (1,)": lambda: measure_delta_h(model, batch, base, delta, scales=(1.0,)),
+        "measure (1,2)": lambda: measure_delta_h(model, batch, base, delta, scales=(1.0, 2.0)),
+        "order 1": lambda: predict_delta_h(model, batch, base, delta, order=1),
+        "order 2": lambda: predict_delta_h(model, batch, base, delta, order=2),
+    }
+
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model     Llama, hidden {args.hidden}, {args.layers} layers, {args.heads} heads, vocab {args.vocab}, "
+          f"{n_params / 1e6:.2f}M params, {args.dtype}, {args.device}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}")
+    print(f"batch     {len(batch)} sequences x {batch.input_ids.shape[1]} columns (prompt width "
+          f"{batch.prompt_length}), response tokens per sequence {int(lengths.min())}..{int(lengths.max())}, "
+          f"{int(lengths.sum())} in all; top_k={args.top_k}, top_p={args.top_p}")
+    print(f"step      delta-theta = {args.step_size:g} * randn on all {len(delta)} parameter tensors")
+    print(f"repeats   {args.repeats} interleaved, after one warm-up of each operation", flush=True)
+
+    clock = timer(args.device)
+    for fn in ops.values():  # warm-up (first-call allocation, lazy imports, kernel selection)
+        fn()
+
+    names = [n for n in ops if n != "forward"]
+    times: dict[str, list[float]] = {n: [] for n in ops}
+    for r in range(args.repeats):
+        order = names[r % len(names):] + names[:r % len(names)]  # rotate so no op always follows another
+        before = clock(forward)
+        for name in order:
+            times[name].append(clock(ops[name]))
+        after = clock(forward)
+        times["forward"].append(0.5 * (before + after))
+
+    fwd = times["forward"]
+    further = [two - one for one, two in zip(times["measure (1,)"], times["measure (1,2)"])]
+    rows = [
+        ("forward (no grad)", fwd, None),
+        ("sampling", times["sampling"], None),
+        ("one scale (incl. θ₀ pass)", times["measure (1,)"], "one scale"),
+        ("each further scale", further, "further scale"),
+        ("order-1 prediction", times["order 1"], "order 1"),
+        ("order-2 prediction", times["order 2"], "order 2"),
+    ]
+    med = statistics.median
+    print()
+    print(f"{'operation':<28}{'median s':>10}{'× forward':>11}{'range ×':>17}{'target':>9}  result")
+    print("-" * 82)
+    failed = 0
+    for label, ts, key in rows:
+        ratios = [t / f for t, f in zip(ts, fwd)]
+        ratio = med(ratios)
+        target = TARGETS.get(key) if key else None
+        spread = f"{min(ratios):.2f}–{max(ratios):.2f}"
+        if target is None:
+            verdict, target_text = "", ""
+        else:
+            ok = ratio <= target
+            failed += not ok
+            verdict = "pass" if ok else "FAIL"
+            target_text = f"≤ {target:g}×"
+            if args.device != "cpu":
+                verdict += " (targets are for CPU)"
+        print(f"{label:<28}{med(ts):>10.4f}{ratio:>10.2f}×{spread:>17}{target_text:>9}  {verdict}")
+    print()
+    print("ratios: median over repeats of (time / forward time in the same repeat); further scale = "
+          "measure(1,2) − measure(1,)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,321 @@
+"""EntropyProbe: the Lightning front end of ``StepProbe``.
+
+The callback finds the policy (and tokenizer) on the LightningModule, shards the prompts over
+DDP ranks, calls ``StepProbe.begin`` just before a real optimizer step and ``finish`` right
+after it, and logs the record. Everything numerical happens in the framework-free core.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import operator
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Literal, Sequence, Union
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
+
+from .engine import concat_terms
+from .metrics import Calibration
+from .model_guard import preserved_rng
+from .prompts import load_prompts, tokenize_prompts
+from .sampling import SamplingConfig
+from .step_probe import ProbeOptions, ProbeRecord, StepProbe
+
+JSONL_NAME = "entropy_probe.jsonl"
+
+
+def _is_causal_lm(module: Any) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        PeftModel = ()
+    from transformers import PreTrainedModel
+
+    return isinstance(module, (PreTrainedModel, PeftModel))
+
+
+def resolve_policy(pl_module: torch.nn.Module, path: str | None) -> torch.nn.Module:
+    """The HF causal LM inside the LightningModule: at ``path``, or the only one found."""
+    candidates = [name for name, child in pl_module.named_children() if _is_causal_lm(child)]
+    if path is not None:
+        try:
+            policy = operator.attrgetter(path)(pl_module)
+        except AttributeError:
+            raise ValueError(f"EntropyProbe(policy={path!r}): {type(pl_module).__name__} has no attribute {path!r}; "
+                             f"causal LMs found on it: {candidates or 'none'}") from None
+        if not isinstance(policy, torch.nn.Module):
+            raise ValueError(f"EntropyProbe(policy={path!r}) is a {type(policy).__name__}, not a torch module")
+        return policy
+    if _is_causal_lm(pl_module):
+        return pl_module
+    if len(candidates) == 1:
+        return getattr(pl_module, candidates[0])
+    if not candidates:
+        raise ValueError(f"EntropyProbe found no Hugging Face causal LM on {type(pl_module).__name__}; set "
+                         "`policy` to the attribute path of the model (e.g. policy='model')")
+    raise ValueError(f"EntropyProbe found several causal LMs on {type(pl_module).__name__}: {candidates}; set "
+                     "`policy` to the one being trained")
+
+
+def _token_id(value) -> int | list[int] | None:
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        return [int(v) for v in value] if value else None
+    return int(value)
+
+
+class EntropyProbe(Callback):
+    """Predict (JVP) and measure (SNIS) the entropy change of every ``every_n_steps``-th
+    optimizer step on a held-out evaluation batch, and log both with standard errors.
+
+    Args:
+        prompts: held-out prompts: strings, token-id lists, or a path to a .txt/.jsonl file.
+        sampling: how E is sampled (temperature, top-p, top-k, max_new_tokens).
+        every_n_steps: probe optimizer steps 0, n, 2n, ...
+        responses_per_prompt: R responses per prompt (jackknife groups are prompts).
+        order: 1 (linear prediction) or 2 (also curvature and the quadratic prediction).
+        scales: step scales to measure; s = 1 (the real step) is always included.
+        normalize: "token" (nats per token) or "sequence".
+        estimator: "rb" (Rao-Blackwell, full-distribution entropies) or "naive" (−log q).
+        microbatch_size: rows per probe pass (None: all of E at once).
+        policy: attribute path of the HF model on the LightningModule (default: autodetect).
+        tokenizer: attribute path of the tokenizer, needed for string prompts and samples.
+        seed: E at step t is drawn with a seed derived from (seed, t).
+        snapshot_device: where θ₀ is kept: "auto" (the parameters' device) or "cpu".
+        on_error: "warn" (count and continue) or "raise".
+        log_samples: how many decoded responses of E to log as TensorBoard text.
+        jsonl: write every probe to ``entropy_probe.jsonl`` in the logger's directory.
+        eos_token_id, pad_token_id: default from the policy's config / tokenizer.
+    """
+
+    def __init__(
+        self,
+        prompts: Union[str, list[str], list[list[int]]],
+        sampling: SamplingConfig,
+        every_n_steps: int = 10,
+        responses_per_prompt: int = 1,
+        order: int = 2,
+        scales: list[float] = [1.0],  # noqa: B006 - jsonargparse needs a concrete default
+        normalize: Literal["token", "sequence"] = "token",
+        estimator: Literal["rb", "naive"] = "rb",
+        microbatch_size: int | None = None,
+        policy: str | None = None,
+        tokenizer: str | None = None,
+        seed: int = 0,
+        snapshot_device: Literal["auto", "cpu"] = "auto",
+        on_error: Literal["warn", "raise"] = "warn",
+        log_samples: int = 4,
+        jsonl: bool = True,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+    ) -> None:
+        self.options = ProbeOptions(
+            sampling=sampling, every_n_steps=every_n_steps, responses_per_prompt=responses_per_prompt,
+            order=order, scales=tuple(scales), normalize=normalize, estimator=estimator,
+            microbatch_size=microbatch_size, seed=seed, snapshot_device=snapshot_device)
+        if on_error not in ("warn", "raise"):
+            raise ValueError(f"on_error must be 'warn' or 'raise', got {on_error!r}")
+        if log_samples < 0:
+            raise ValueError(f"log_samples must be >= 0, got {log_samples}")
+        self.prompts = load_prompts(prompts)
+        self.policy_path = policy
+        self.tokenizer_path = tokenizer
+        self.on_error = on_error
+        self.log_samples = log_samples
+        self.jsonl = jsonl
+        self.eos_token_id = _token_id(eos_token_id)
+        self.pad_token_id = pad_token_id
+        self.core: StepProbe | None = None
+        self.policy: torch.nn.Module | None = None
+        self.tokenizer = None
+        self.calibration = Calibration()
+        self.probe_errors = 0
+        self.skipped_steps = 0
+        self.records: list[ProbeRecord] = []
+        self._layout_written = False
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self.policy = resolve_policy(pl_module, self.policy_path)
+        if self.tokenizer_path is not None:
+            try:
+                self.tokenizer = operator.attrgetter(self.tokenizer_path)(pl_module)
+            except AttributeError:
+                raise ValueError(f"EntropyProbe(tokenizer={self.tokenizer_path!r}): {type(pl_module).__name__} has "
+                                 "no such attribute") from None
+        else:
+            self.tokenizer = getattr(pl_module, "tokenizer", None)
+        prompts = tokenize_prompts(self.prompts, self.tokenizer)
+        eos, pad = self._special_tokens()
+        world, rank = trainer.world_size, trainer.global_rank
+        indices = list(range(rank, len(prompts), world))
+        if not indices:
+            raise ValueError(f"EntropyProbe has {len(prompts)} prompts for {world} ranks; give at least one per rank")
+        self.core = StepProbe(self.options, [prompts[i] for i in indices], eos_token_id=eos, pad_token_id=pad,
+                              prompt_indices=indices)
+
+    def _special_tokens(self) -> tuple[int | list[int], int]:
+        config = getattr(self.policy, "config", None)
+        generation = getattr(self.policy, "generation_config", None)
+        eos = self.eos_token_id
+        for source in (generation, config, self.tokenizer):
+            if eos is None:
+                eos = _token_id(getattr(source, "eos_token_id", None))
+        if eos is None:
+            raise ValueError("EntropyProbe could not find an EOS token id on the policy or tokenizer; "
+                             "set eos_token_id")
+        pad = self.pad_token_id
+        for source in (self.tokenizer, generation, config):
+            if pad is None:
+                pad = getattr(source, "pad_token_id", None)
+        if pad is None:
+            pad = eos if isinstance(eos, int) else eos[0]
+        return eos, int(pad)
+
+    # ------------------------------------------------------------------ hooks
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
+        core = self.core
+        if core is None or core.pending is not None or not core.due(trainer.global_step):
+            return
+        lr = float(optimizer.param_groups[0]["lr"]) if optimizer.param_groups else math.nan
+        self._guarded(trainer, lambda: core.begin(self.policy, trainer.global_step, lr))
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        core = self.core
+        if core is None or core.pending is None or trainer.global_step <= core.pending.step:
+            return  # no optimizer step yet (gradient accumulation)
+        batch_e = core.pending.batch
+        record = self._guarded(trainer, lambda: core.finish(self.policy, self._gather(trainer)))
+        if record is not None:
+            self._publish(trainer, record, batch_e)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero and self.calibration.history:
+            rank_zero_info(self.summary_table())
+
+    # ------------------------------------------------------------------ internals
+    def _guarded(self, trainer: pl.Trainer, action):
+        """Run a probe action; with on_error='warn' a failure never reaches the training loop."""
+        try:
+            with preserved_rng(next(self.policy.parameters()).device):
+                return action()
+        except Exception as error:  # noqa: BLE001 - the whole point is containment
+            self.core.cancel()
+            if self.on_error == "raise":
+                raise
+            self.probe_errors += 1
+            warnings.warn(f"EntropyProbe: the probe at step {trainer.global_step} failed and was skipped "
+                          f"({type(error).__name__}: {error}); training continues", RuntimeWarning, stacklevel=2)
+            self._log_metrics(trainer, {"entropy/probe_errors": float(self.probe_errors)}, trainer.global_step)
+            return None
+
+    @staticmethod
+    def _gather(trainer: pl.Trainer):
+        if trainer.world_size <= 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+            return None
+
+        def gather(terms):
+            parts = [None] * trainer.world_size
+            torch.distributed.all_gather_object(parts, terms)
+            return concat_terms(parts)
+
+        return gather
+
+    def _publish(self, trainer: pl.Trainer, record: ProbeRecord, batch_e) -> None:
+        self.records.append(record)
+        if record.skipped:
+            self.skipped_steps += 1
+            metrics = {"entropy/skipped_steps": float(self.skipped_steps)}
+        else:
+            self.calibration.update(record.delta_linear, record.delta_quadratic, record.delta_measured,
+                                    record.delta_measured_se)
+            metrics = record.metrics(self.options.sampling.truncates)
+            metrics.update({f"entropy/calibration/{k}": v for k, v in self.calibration.compute().items()
+                            if k != "count" and math.isfinite(v)})
+            metrics["entropy/probe_errors"] = float(self.probe_errors)
+        if not trainer.is_global_zero:
+            return
+        self._log_metrics(trainer, metrics, record.step)
+        if not record.skipped:
+            self._log_tensorboard(trainer, record, batch_e)
+        if self.jsonl:
+            path = self.jsonl_path(trainer)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a") as f:
+                f.write(json.dumps(record.to_json(), allow_nan=True) + "\n")
+
+    @staticmethod
+    def _log_metrics(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
+        if not trainer.is_global_zero:
+            return
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+
+    @staticmethod
+    def jsonl_path(trainer: pl.Trainer) -> Path:
+        for logger in trainer.loggers:
+            if getattr(logger, "log_dir", None):
+                return Path(logger.log_dir) / JSONL_NAME
+        return Path(trainer.default_root_dir) / JSONL_NAME
+
+    def _log_tensorboard(self, trainer: pl.Trainer, record: ProbeRecord, batch_e) -> None:
+        for logger in trainer.loggers:
+            if not isinstance(logger, TensorBoardLogger):
+                continue
+            writer = logger.experiment
+            if not self._layout_written:
+                lines = ["entropy/delta_measured", "entropy/delta_linear"]
+                if self.options.order == 2:
+                    lines.append("entropy/delta_quadratic")
+                writer.add_custom_scalars({"entropy": {
+                    "ΔH predicted vs measured": ["Multiline", lines],
+                    "ΔH measured ± 2 SE": ["Margin", ["entropy/delta_measured", "entropy/delta_measured_lower",
+                                                        "entropy/delta_measured_upper"]],
+                }})
+                self._layout_written = True
+            writer.add_histogram("entropy/per_sequence_linear", torch.tensor(record.per_sequence_linear),
+                                 record.step)
+            if self.log_samples:
+                writer.add_text("entropy/samples", self._samples_markdown(batch_e), record.step)
+
+    def _samples_markdown(self, batch_e) -> str:
+        rows = []
+        for i in range(min(self.log_samples, len(batch_e))):
+            ids = batch_e.input_ids[i][batch_e.response_mask[i]].tolist()
+            prompt = batch_e.input_ids[i][batch_e.attention_mask[i].bool() & ~batch_e.response_mask[i]].tolist()
+            decode = (lambda t: self.tokenizer.decode(t)) if self.tokenizer is not None else str
+            rows.append(f"**prompt {int(batch_e.group[i])}**: `{decode(prompt)}` → `{decode(ids)}`")
+        return "  \n".join(rows)
+
+    def summary_table(self) -> str:
+        c = self.calibration.compute()
+        lines = ["EntropyProbe calibration over the run",
+                 f"  probes                 {int(c['count'])}  (errors {self.probe_errors}, skipped {self.skipped_steps})",
+                 f"  Pearson r  linear      {c['pearson_linear']:.4f}",
+                 f"  Pearson r  quadratic   {c['pearson_quadratic']:.4f}",
+                 f"  MAE        linear      {c['mae_linear']:.3e}",
+                 f"  MAE        quadratic   {c['mae_quadratic']:.3e}",
+                 f"  sign agreement         {c['sign_agreement']:.3f}",
+                 f"  |pred - meas| <= 2 SE  {c['coverage_2se']:.3f}"]
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {"calibration": self.calibration.state_dict(), "probe_errors": self.probe_errors,
+                "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.calibration.load_state_dict(state_dict.get("calibration", {}))
+        self.probe_errors = int(state_dict.get("probe_errors", 0))
+        self.skipped_steps = int(state_dict.get("skipped_steps", 0))

@@ -1,0 +1,67 @@
+"""Calibration of the prediction over a run, with torchmetrics.
+
+Every probe adds one (predicted, measured) pair. Records are already combined across DDP ranks
+before they arrive here (every rank holds the same pairs), so the metrics compute locally.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torchmetrics import MeanAbsoluteError, MeanMetric, PearsonCorrCoef
+
+
+class Calibration:
+    """Pearson r and MAE of linear and quadratic predictions against measured ΔH, the share
+    of probes where the sign agrees, and the share where |prediction − measured| ≤ 2 SE."""
+
+    def __init__(self) -> None:
+        self.history: list[tuple[float, float | None, float, float]] = []
+        self._reset()
+
+    def _reset(self) -> None:
+        kw = dict(sync_on_compute=False)
+        self.pearson_linear = PearsonCorrCoef(**kw).double()
+        self.pearson_quadratic = PearsonCorrCoef(**kw).double()
+        self.mae_linear = MeanAbsoluteError(**kw).double()
+        self.mae_quadratic = MeanAbsoluteError(**kw).double()
+        self.sign_agreement = MeanMetric(**kw).double()
+        self.coverage_2se = MeanMetric(**kw).double()
+        self._quadratic_count = 0
+
+    def update(self, linear: float, quadratic: float | None, measured: float, measured_se: float) -> None:
+        self.history.append((linear, quadratic, measured, measured_se))
+        t = lambda x: torch.tensor([x], dtype=torch.float64)  # noqa: E731
+        self.pearson_linear.update(t(linear), t(measured))
+        self.mae_linear.update(t(linear), t(measured))
+        best = linear if quadratic is None else quadratic
+        if quadratic is not None:
+            self.pearson_quadratic.update(t(quadratic), t(measured))
+            self.mae_quadratic.update(t(quadratic), t(measured))
+            self._quadratic_count += 1
+        self.sign_agreement.update(t(float(math.copysign(1, best) == math.copysign(1, measured))))
+        if math.isfinite(measured_se):
+            self.coverage_2se.update(t(float(abs(best - measured) <= 2 * measured_se)))
+
+    def compute(self) -> dict[str, float]:
+        n = len(self.history)
+        nan = float("nan")
+        out = {"count": float(n)}
+        out["pearson_linear"] = float(self.pearson_linear.compute()) if n >= 2 else nan
+        out["mae_linear"] = float(self.mae_linear.compute()) if n >= 1 else nan
+        q = self._quadratic_count
+        out["pearson_quadratic"] = float(self.pearson_quadratic.compute()) if q >= 2 else nan
+        out["mae_quadratic"] = float(self.mae_quadratic.compute()) if q >= 1 else nan
+        out["sign_agreement"] = float(self.sign_agreement.compute()) if n >= 1 else nan
+        out["coverage_2se"] = float(self.coverage_2se.compute()) if self.coverage_2se.update_count else nan
+        return out
+
+    def state_dict(self) -> dict:
+        return {"history": [list(h) for h in self.history]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = []
+        self._reset()
+        for linear, quadratic, measured, se in state.get("history", []):
+            self.update(linear, quadratic, measured, se)

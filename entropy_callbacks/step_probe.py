@@ -1,0 +1,215 @@
+"""The framework-free core of EntropyProbe: probe one real optimizer step.
+
+``begin`` (before the optimizer step) samples E at θ₀ and snapshots the trainable parameters;
+``finish`` (after it) takes Δθ = θ₁ − θ₀, predicts and measures ΔH on E and returns a
+``ProbeRecord``. A ``gather`` callable combines per-sequence terms across DDP ranks; the
+Lightning callback supplies it, the core never imports Lightning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Literal, Sequence
+
+import torch
+
+from .engine import (check_options, check_order, concat_terms, measurement_terms, prediction_terms,
+                     summarize_measurement, summarize_prediction)
+from .params import check_scales
+from .sampling import ProbeBatch, SamplingConfig, sample_batch
+from .step import is_skipped, snapshot, step_delta, step_norm
+
+
+@dataclass(frozen=True)
+class ProbeOptions:
+    """What to probe and how (validated on construction)."""
+
+    sampling: SamplingConfig
+    every_n_steps: int = 10
+    responses_per_prompt: int = 1
+    order: int = 2
+    scales: tuple[float, ...] = (1.0,)
+    normalize: Literal["token", "sequence"] = "token"
+    estimator: Literal["rb", "naive"] = "rb"
+    microbatch_size: int | None = None
+    seed: int = 0
+    snapshot_device: Literal["auto", "cpu"] = "auto"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.sampling, SamplingConfig):
+            raise ValueError(f"sampling must be a SamplingConfig, got {type(self.sampling).__name__}")
+        if isinstance(self.every_n_steps, bool) or not isinstance(self.every_n_steps, int) or self.every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be an integer >= 1, got {self.every_n_steps!r}")
+        if self.responses_per_prompt < 1:
+            raise ValueError(f"responses_per_prompt must be >= 1, got {self.responses_per_prompt!r}")
+        check_order(self.order)
+        check_options(self.normalize, self.estimator, self.microbatch_size)
+        scales = check_scales(self.scales)
+        # s = 1 is the real step: always measured, and listed first.
+        object.__setattr__(self, "scales", (1.0,) + tuple(s for s in scales if s != 1.0))
+        if self.snapshot_device not in ("auto", "cpu"):
+            raise ValueError(f"snapshot_device must be 'auto' or 'cpu', got {self.snapshot_device!r}")
+
+
+@dataclass
+class ProbeRecord:
+    """Everything one probe found (JSON-serialisable via ``to_json``)."""
+
+    step: int
+    skipped: bool = False
+    entropy_before: float = math.nan
+    entropy_before_se: float = math.nan
+    delta_measured: float = math.nan
+    delta_measured_se: float = math.nan
+    delta_linear: float = math.nan
+    delta_linear_se: float = math.nan
+    curvature: float | None = None
+    curvature_se: float | None = None
+    delta_quadratic: float | None = None
+    taylor_error: float = math.nan
+    ess: float = math.nan
+    step_norm: float = math.nan
+    lr: float = math.nan
+    delta_linear_per_lr: float = math.nan
+    probe_seconds: float = math.nan
+    scales: list[float] = field(default_factory=list)
+    delta_measured_at: list[float] = field(default_factory=list)
+    delta_measured_se_at: list[float] = field(default_factory=list)
+    ess_at: list[float] = field(default_factory=list)
+    outside_support: list[float] = field(default_factory=list)
+    num_sequences: int = 0
+    num_tokens: int = 0
+    per_sequence_linear: list[float] = field(default_factory=list)
+
+    def metrics(self, truncates: bool) -> dict[str, float]:
+        """Scalars under the ``entropy/`` tags."""
+        if self.skipped:
+            return {}
+        m = {
+            "entropy/before": self.entropy_before,
+            "entropy/before_se": self.entropy_before_se,
+            "entropy/delta_measured": self.delta_measured,
+            "entropy/delta_measured_se": self.delta_measured_se,
+            "entropy/delta_measured_lower": self.delta_measured - 2 * self.delta_measured_se,
+            "entropy/delta_measured_upper": self.delta_measured + 2 * self.delta_measured_se,
+            "entropy/delta_linear": self.delta_linear,
+            "entropy/delta_linear_se": self.delta_linear_se,
+            "entropy/taylor_error": self.taylor_error,
+            "entropy/ess": self.ess,
+            "entropy/step_norm": self.step_norm,
+            "entropy/lr": self.lr,
+            "entropy/delta_linear_per_lr": self.delta_linear_per_lr,
+            "entropy/probe_seconds": self.probe_seconds,
+        }
+        if self.delta_quadratic is not None:
+            m["entropy/delta_quadratic"] = self.delta_quadratic
+            m["entropy/curvature"] = self.curvature
+        for scale, delta in zip(self.scales[1:], self.delta_measured_at[1:]):
+            m[f"entropy/delta_measured@{scale:g}"] = delta
+        if truncates:
+            m["entropy/outside_support"] = self.outside_support[0]
+        return m
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def step_seed(seed: int, step: int) -> int:
+    """E's sampling seed at a step: a function of (seed, step) only, so a resumed run draws
+    the same E as an uninterrupted one."""
+    digest = hashlib.blake2b(f"entropy-probe/{seed}/{step}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 62) - 1)
+
+
+@dataclass
+class _Pending:
+    step: int
+    batch: ProbeBatch
+    before: dict[str, torch.Tensor]
+    lr: float
+    started: float
+    seconds: float
+
+
+Gather = Callable[[object], object]  # terms of this rank -> terms of all ranks, concatenated
+
+
+class StepProbe:
+    """Predict and measure the entropy change of selected optimizer steps of one policy."""
+
+    def __init__(self, options: ProbeOptions, prompts: Sequence[Sequence[int]], *, eos_token_id, pad_token_id: int,
+                 prompt_indices: Sequence[int] | None = None) -> None:
+        self.options = options
+        self.prompts = [list(p) for p in prompts]
+        self.prompt_indices = list(range(len(self.prompts))) if prompt_indices is None else list(prompt_indices)
+        self.eos_token_id = eos_token_id
+        self.pad_token_id = pad_token_id
+        self.pending: _Pending | None = None
+
+    def due(self, step: int) -> bool:
+        return step % self.options.every_n_steps == 0
+
+    def begin(self, model: torch.nn.Module, step: int, lr: float = math.nan) -> ProbeBatch:
+        """Before the optimizer step: sample E at θ₀ and snapshot the trainable parameters."""
+        started = time.perf_counter()
+        o = self.options
+        batch = sample_batch(model, self.prompts, o.sampling, eos_token_id=self.eos_token_id,
+                             pad_token_id=self.pad_token_id, responses_per_prompt=o.responses_per_prompt,
+                             seed=step_seed(o.seed, step), batch_size=o.microbatch_size,
+                             prompt_indices=self.prompt_indices)
+        self.pending = _Pending(step, batch, snapshot(model, o.snapshot_device), lr, started,
+                                time.perf_counter() - started)
+        return batch
+
+    def cancel(self) -> None:
+        self.pending = None
+
+    def finish(self, model: torch.nn.Module, gather: Gather | None = None) -> ProbeRecord:
+        """After the optimizer step: Δθ, prediction and measurement on E."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            raise RuntimeError("finish() called without begin()")
+        started = time.perf_counter()
+        o = self.options
+        delta = step_delta(model, pending.before)
+        if is_skipped(delta):
+            return ProbeRecord(step=pending.step, skipped=True, lr=pending.lr)
+        kwargs = dict(estimator=o.estimator, microbatch_size=o.microbatch_size)
+        base = pending.before  # moved to each parameter's device where used
+        prediction = prediction_terms(model, pending.batch, base, delta, order=o.order, **kwargs)
+        measurement = measurement_terms(model, pending.batch, base, delta, scales=o.scales, **kwargs)
+        if gather is not None:
+            prediction, measurement = gather(prediction), gather(measurement)
+        predicted = summarize_prediction(prediction, o.normalize)
+        measured = summarize_measurement(measurement, o.scales, o.normalize)
+        quadratic = predicted.quadratic
+        best = predicted.linear if quadratic is None else quadratic
+        return ProbeRecord(
+            step=pending.step,
+            entropy_before=measured.entropy_before,
+            entropy_before_se=measured.entropy_before_se,
+            delta_measured=measured.delta[0],
+            delta_measured_se=measured.delta_se[0],
+            delta_linear=predicted.linear,
+            delta_linear_se=predicted.linear_se,
+            curvature=predicted.curvature,
+            curvature_se=predicted.curvature_se,
+            delta_quadratic=quadratic,
+            taylor_error=measured.delta[0] - best,
+            ess=measured.ess_fraction[0],
+            step_norm=step_norm(delta),
+            lr=pending.lr,
+            delta_linear_per_lr=predicted.linear / pending.lr if pending.lr else math.nan,
+            probe_seconds=pending.seconds + time.perf_counter() - started,
+            scales=list(o.scales),
+            delta_measured_at=list(measured.delta),
+            delta_measured_se_at=list(measured.delta_se),
+            ess_at=list(measured.ess_fraction),
+            outside_support=list(measured.outside_support),
+            num_sequences=int(prediction.group.numel()),
+            num_tokens=int(prediction.token_counts.sum()),
+            per_sequence_linear=predicted.per_sequence_linear.tolist(),
+        )
