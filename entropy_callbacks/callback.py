@@ -141,6 +141,7 @@ class EntropyProbe(Callback):
         self.skipped_steps = 0
         self.records: list[ProbeRecord] = []
         self._layout_written = False
+        self.print_summary = True
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -201,7 +202,7 @@ class EntropyProbe(Callback):
             self._publish(trainer, record, batch_e)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.is_global_zero and self.calibration.history:
+        if self.print_summary and trainer.is_global_zero and self.calibration.history:
             rank_zero_info(self.summary_table())
 
     # ------------------------------------------------------------------ internals

@@ -55,7 +55,7 @@ def entropy_estimate(model, batch: ProbeBatch, *, params: Mapping[str, Tensor] |
     check_options(normalize, estimator, microbatch_size)
     batch = _prepare(model, batch)
     point = dict(params or {})
-    check_point(model, point)
+    check_point(model, point, kind="params")
     with probe_mode(model):
         integrand = torch.cat([score_values(model, mb, point, estimator, at_origin=True).integrand
                                for mb in batch.microbatches(microbatch_size)])
@@ -186,7 +186,7 @@ def measure_delta_h(model, batch: ProbeBatch, base: Mapping[str, Tensor], delta:
 
 
 def check_order(order: int) -> None:
-    if order not in (1, 2):
+    if isinstance(order, bool) or not isinstance(order, int) or order not in (1, 2):
         raise ValueError(f"order must be 1 (linear) or 2 (linear + curvature), got {order!r}")
 
 

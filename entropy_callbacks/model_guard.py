@@ -43,6 +43,24 @@ def forward_kwargs(model: torch.nn.Module, input_ids: Tensor, attention_mask: Te
     return kwargs
 
 
+def cache_kwargs(model: torch.nn.Module, cache) -> dict:
+    """The KV cache argument under the name this transformers version uses (``cache`` from 5.x
+    on, ``past_key_values`` before)."""
+    accepted = _forward_parameters(type(hf_model(model)))
+    return {"cache" if "cache" in accepted else "past_key_values": cache}
+
+
+def returned_cache(output):
+    return output.cache if hasattr(output, "cache") else output.past_key_values
+
+
+def _is_input_grad_hook(hook) -> bool:
+    # transformers' enable_input_require_grads (called by gradient_checkpointing_enable and
+    # peft's prepare_model_for_kbit_training) hooks the input embeddings to call
+    # requires_grad_(True) on their output, which torch.func transforms refuse.
+    return "make_inputs_require_grads" in getattr(hook, "__qualname__", "")
+
+
 @contextlib.contextmanager
 def preserved_rng(device: torch.device | None = None) -> Iterator[None]:
     """Restore the global CPU RNG (and the CUDA RNG of ``device``) on exit."""
@@ -60,20 +78,27 @@ def preserved_rng(device: torch.device | None = None) -> Iterator[None]:
 
 @contextlib.contextmanager
 def probe_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode, no gradient checkpointing, global RNG preserved; all restored on exit."""
+    """Eval mode, no gradient checkpointing (nor its input-grad hook), global RNG preserved;
+    all restored on exit."""
     modules = list(model.modules())
     training = [m.training for m in modules]
     checkpointing = [(m, m.gradient_checkpointing) for m in modules
                      if isinstance(getattr(m, "gradient_checkpointing", None), bool)]
+    input_grad_hooks = [(m, key, hook) for m in modules for key, hook in list(m._forward_hooks.items())
+                        if _is_input_grad_hook(hook)]
     device = next(model.parameters()).device
     try:
         with preserved_rng(device):
             model.eval()
             for m, _ in checkpointing:
                 m.gradient_checkpointing = False
+            for m, key, _ in input_grad_hooks:
+                del m._forward_hooks[key]
             yield
     finally:
         for m, flag in zip(modules, training):
             m.training = flag
         for m, flag in checkpointing:
             m.gradient_checkpointing = flag
+        for m, key, hook in input_grad_hooks:
+            m._forward_hooks[key] = hook

@@ -31,14 +31,14 @@ def _check_tensors(kind: str, mapping: Mapping[str, Tensor], params: dict[str, t
             raise ValueError(f"{kind}[{name!r}] has dtype {value.dtype}; expected a floating-point tensor")
 
 
-def check_point(model: torch.nn.Module, base: Mapping[str, Tensor]) -> dict[str, torch.nn.Parameter]:
+def check_point(model: torch.nn.Module, base: Mapping[str, Tensor], kind: str = "base") -> dict[str, torch.nn.Parameter]:
     """Validate a θ₀ mapping (names, shapes, dtypes); returns the model's named parameters."""
     params = dict(model.named_parameters())
-    _check_tensors("base", base, params)
+    _check_tensors(kind, base, params)
     for name, value in base.items():
         if value.dtype != params[name].dtype:
-            raise ValueError(f"base[{name!r}] has dtype {value.dtype} but the parameter is {params[name].dtype}; "
-                             "snapshot θ₀ in the parameter's own dtype")
+            raise ValueError(f"{kind}[{name!r}] has dtype {value.dtype} but the parameter is {params[name].dtype}; "
+                             "pass values in the parameter's own dtype")
     return params
 
 
@@ -64,6 +64,8 @@ def check_step(model: torch.nn.Module, base: Mapping[str, Tensor],
 
 
 def check_scales(scales) -> tuple[float, ...]:
+    if isinstance(scales, (int, float)) or not hasattr(scales, "__iter__"):
+        raise ValueError(f"scales must be a sequence of step scales such as (1.0,), got {scales!r}")
     scales = tuple(float(s) for s in scales)
     if not scales:
         raise ValueError("scales is empty; pass at least one step scale, e.g. (1.0,)")

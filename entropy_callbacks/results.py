@@ -39,7 +39,12 @@ class Prediction:
 
 @dataclass(frozen=True)
 class Measurement:
-    """Ĥ re-estimated by SNIS at θ₀ + sΔθ for each scale s, on the same E."""
+    """Ĥ re-estimated by SNIS at θ₀ + sΔθ for each scale s, on the same E.
+
+    When a step moves every sequence's sampled token out of the top-k/top-p support, all SNIS
+    weights are 0 and ``entropy_after``, ``delta`` and ``ess_fraction`` are NaN at that scale
+    (``outside_support`` says why).
+    """
 
     entropy_before: float
     entropy_after: list[float]

@@ -17,7 +17,11 @@ import torch
 from torch import Tensor
 
 from .distribution import sampling_log_probs
-from .model_guard import probe_mode, forward_kwargs
+from .model_guard import cache_kwargs, forward_kwargs, probe_mode, returned_cache
+
+
+def _not_int(value) -> bool:
+    return isinstance(value, bool) or not isinstance(value, int)
 
 
 @dataclass(frozen=True)
@@ -30,13 +34,13 @@ class SamplingConfig:
     top_k: int = 0  # 0 = off (HF generate would apply top_k=50 unless told 0)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+        if _not_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(f"SamplingConfig.max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
         if not (self.temperature > 0) or self.temperature != self.temperature or self.temperature == float("inf"):
             raise ValueError(f"SamplingConfig.temperature must be a finite number > 0, got {self.temperature!r}")
         if not (0.0 < self.top_p <= 1.0):
             raise ValueError(f"SamplingConfig.top_p must lie in (0, 1], got {self.top_p!r}; use 1.0 to turn top-p off")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if _not_int(self.top_k) or self.top_k < 0:
             raise ValueError(f"SamplingConfig.top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
 
     @property
@@ -175,8 +179,8 @@ def _decode(model, rows: list[tuple[list[int], int, int]], width: int, config: S
     for _ in range(config.max_new_tokens):
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         kwargs = forward_kwargs(model, step_input, mask, position_ids[:, -step_input.shape[1]:], keep_last=1)
-        out = model(**kwargs, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(**kwargs, **cache_kwargs(model, cache), use_cache=True)
+        cache = returned_cache(out)
         logq, _ = sampling_log_probs(out.logits[:, -1].float(), config)
         vocab = logq.shape[-1]
         uniform = torch.stack([torch.rand(vocab, generator=gen, device=device) for gen in generators])
@@ -207,7 +211,7 @@ def sample_batch(model, prompts: Sequence[Sequence[int]], config: SamplingConfig
         raise ValueError(f"config must be a SamplingConfig, got {type(config).__name__}")
     vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
     prompts = _check_prompts(prompts, vocab_size)
-    if responses_per_prompt < 1:
+    if _not_int(responses_per_prompt) or responses_per_prompt < 1:
         raise ValueError(f"responses_per_prompt must be >= 1, got {responses_per_prompt}")
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")

@@ -1,0 +1,263 @@
+"""Controlled one-step experiments from one training state (``entropy-callbacks probe``).
+
+For each trial k the module and optimizer are restored to the checkpointed state, a fresh
+update batch U is drawn (seeded by k), one real optimizer step is taken, and ΔH is predicted
+and measured on the same E at every scale of a sweep. The module is restored exactly between
+trials, so trials differ only by U.
+
+The module must provide ``update_batch(seed)`` (draw U) and ``policy_loss(U) -> (loss, stats)``;
+``entropy_callbacks.toy.GRPOModule`` is the reference.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal, Union
+
+import torch
+
+from .callback import resolve_policy
+from .engine import measure_delta_h, predict_delta_h
+from .model_guard import preserved_rng
+from .prompts import load_prompts, tokenize_prompts
+from .sampling import SamplingConfig, sample_batch
+from .step import snapshot, step_delta, step_norm
+from .step_probe import ProbeOptions
+
+
+@dataclass
+class ProbeExperiment:
+    """Options of a standalone probe experiment.
+
+    Args:
+        prompts: held-out prompts for E (strings, token-id lists or a .txt/.jsonl path);
+            None: the module's ``held_out_items``.
+        sampling: how E is sampled.
+        trials: number of one-step trials (K).
+        scales: step scales of the sweep.
+        responses_per_prompt: R.
+        order, normalize, estimator, microbatch_size: as for EntropyProbe.
+        seed: E and the trials' update batches derive from it.
+        output_root: a timestamped directory is made under it.
+    """
+
+    prompts: Union[str, list[str], list[list[int]], None] = None
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=3))
+    trials: int = 8
+    scales: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0])
+    responses_per_prompt: int = 8
+    order: int = 2
+    normalize: Literal["token", "sequence"] = "token"
+    estimator: Literal["rb", "naive"] = "rb"
+    microbatch_size: int | None = None
+    seed: int = 0
+    output_root: str = "runs/probe"
+
+    def __post_init__(self) -> None:
+        if self.trials < 1:
+            raise ValueError(f"experiment.trials must be >= 1, got {self.trials}")
+        # Reuse the callback's validation of the shared options.
+        ProbeOptions(sampling=self.sampling, responses_per_prompt=self.responses_per_prompt, order=self.order,
+                     scales=tuple(self.scales), normalize=self.normalize, estimator=self.estimator,
+                     microbatch_size=self.microbatch_size, seed=self.seed)
+
+
+def trial_seed(seed: int, trial: int) -> int:
+    digest = hashlib.blake2b(f"probe-trial/{seed}/{trial}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 62) - 1)
+
+
+def _optimizer(module) -> torch.optim.Optimizer:
+    config = module.configure_optimizers()
+    if isinstance(config, torch.optim.Optimizer):
+        return config
+    if isinstance(config, dict):
+        return config["optimizer"]
+    if isinstance(config, (list, tuple)):
+        first = config[0]
+        return first[0] if isinstance(first, (list, tuple)) else first
+    raise ValueError("configure_optimizers() must return an optimizer, a dict with 'optimizer', or a list")
+
+
+def log_log_fit(scales: list[float], deltas: list[float]) -> tuple[float, float]:
+    """Slope and R² of log|ΔH| against log s (1 means linear, 2 quadratic)."""
+    points = [(math.log(s), math.log(abs(d))) for s, d in zip(scales, deltas) if d != 0 and math.isfinite(d)]
+    if len(points) < 2:
+        return math.nan, math.nan
+    x = torch.tensor([p[0] for p in points], dtype=torch.float64)
+    y = torch.tensor([p[1] for p in points], dtype=torch.float64)
+    xc, yc = x - x.mean(), y - y.mean()
+    slope = float((xc * yc).sum() / (xc * xc).sum())
+    total = float((yc * yc).sum())
+    residual = float(((yc - slope * xc) ** 2).sum())
+    return slope, (1 - residual / total) if total > 0 else math.nan
+
+
+def _relative_error(predicted: float | None, measured: float) -> float:
+    if predicted is None or measured == 0:
+        return math.nan
+    return abs(predicted - measured) / abs(measured)
+
+
+def run_trial(module, policy, optimizer, batch_e, experiment: ProbeExperiment, trial: int) -> dict:
+    """One trial: one optimizer step on a fresh U, then predict and measure ΔH on E."""
+    seed = trial_seed(experiment.seed, trial)
+    before = snapshot(policy)
+    torch.manual_seed(seed)  # dropout in the update pass is part of the trial's randomness
+    module.train()
+    optimizer.zero_grad(set_to_none=True)
+    update = module.update_batch(seed)
+    loss, stats = module.policy_loss(update)
+    loss.backward()
+    optimizer.step()
+    delta = step_delta(policy, before)
+    kwargs = dict(normalize=experiment.normalize, estimator=experiment.estimator,
+                  microbatch_size=experiment.microbatch_size)
+    prediction = predict_delta_h(policy, batch_e, before, delta, order=experiment.order, **kwargs)
+    measurement = measure_delta_h(policy, batch_e, before, delta, scales=experiment.scales, **kwargs)
+    per_scale = []
+    for k, scale in enumerate(measurement.scales):
+        linear, quadratic = prediction.at_scale(scale)
+        per_scale.append({
+            "scale": scale, "measured": measurement.delta[k], "measured_se": measurement.delta_se[k],
+            "linear": linear, "quadratic": quadratic,
+            "linear_relative_error": _relative_error(linear, measurement.delta[k]),
+            "quadratic_relative_error": _relative_error(quadratic, measurement.delta[k]),
+            "ess_fraction": measurement.ess_fraction[k], "outside_support": measurement.outside_support[k],
+        })
+    slope, r2 = log_log_fit(list(measurement.scales), measurement.delta)
+    return {
+        "trial": trial, "seed": seed, "loss": float(loss), "reward": float(stats.get("reward", math.nan)),
+        "step_norm": step_norm(delta), "entropy_before": measurement.entropy_before,
+        "entropy_before_se": measurement.entropy_before_se, "linear": prediction.linear,
+        "linear_se": prediction.linear_se, "curvature": prediction.curvature,
+        "loglog_slope": slope, "loglog_r2": r2, "per_scale": per_scale,
+    }
+
+
+def _mean_se(values: list[float]) -> tuple[float, float]:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return math.nan, math.nan
+    t = torch.tensor(finite, dtype=torch.float64)
+    se = float(t.std(unbiased=True) / math.sqrt(len(finite))) if len(finite) > 1 else math.nan
+    return float(t.mean()), se
+
+
+def aggregate(trials: list[dict], scales: list[float]) -> dict:
+    """Means over trials with their standard errors (across trials)."""
+    out = {"per_scale": []}
+    for k, scale in enumerate(scales):
+        row = {"scale": scale}
+        for name in ("measured", "measured_se", "linear", "quadratic", "linear_relative_error",
+                     "quadratic_relative_error", "ess_fraction", "outside_support"):
+            mean, se = _mean_se([t["per_scale"][k][name] for t in trials])
+            row[name] = mean
+            row[f"{name}_across_trials_se"] = se
+        out["per_scale"].append(row)
+    for name in ("linear", "curvature", "loglog_slope", "loglog_r2", "step_norm", "entropy_before"):
+        mean, se = _mean_se([t[name] for t in trials])
+        out[name] = mean
+        out[f"{name}_across_trials_se"] = se
+    return out
+
+
+def _output_dir(root: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path, n = Path(root) / stamp, 1
+    while path.exists():
+        path, n = Path(root) / f"{stamp}-{n}", n + 1
+    path.mkdir(parents=True)
+    return path
+
+
+def load_training_state(module, optimizer, ckpt_path: str | None) -> None:
+    if ckpt_path is None:
+        return
+    if not Path(ckpt_path).is_file():
+        raise ValueError(f"ckpt_path {ckpt_path!r} does not exist")
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    module.load_state_dict(checkpoint["state_dict"])
+    states = checkpoint.get("optimizer_states") or []
+    if states:
+        optimizer.load_state_dict(states[0])
+
+
+def run_experiment(module, experiment: ProbeExperiment, ckpt_path: str | None = None,
+                   config_text: str | None = None, progress: bool = True) -> Path:
+    """Run the K trials; returns the output directory."""
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm.auto import tqdm
+
+    policy = resolve_policy(module, None)
+    optimizer = _optimizer(module)
+    load_training_state(module, optimizer, ckpt_path)
+    tokenizer = getattr(module, "tokenizer", None)
+    if experiment.prompts is None:
+        held_out = getattr(module, "held_out_items", None)
+        if not held_out:
+            raise ValueError("experiment.prompts is not set and the module has no held_out_items; give prompts")
+        prompts = [item.prompt for item in held_out]
+    else:
+        prompts = load_prompts(experiment.prompts)
+    prompt_ids = tokenize_prompts(prompts, tokenizer)
+    eos = getattr(tokenizer, "eos_token_id", None) or policy.config.eos_token_id
+    pad = getattr(tokenizer, "pad_token_id", None)
+    pad = eos if pad is None else pad
+
+    out = _output_dir(experiment.output_root)
+    if config_text is not None:
+        (out / "config.yaml").write_text(config_text)
+    module_state = copy.deepcopy(module.state_dict())
+    optimizer_state = copy.deepcopy(optimizer.state_dict())
+    with preserved_rng():
+        batch_e = sample_batch(policy, prompt_ids, experiment.sampling, eos_token_id=eos, pad_token_id=pad,
+                               responses_per_prompt=experiment.responses_per_prompt,
+                               seed=trial_seed(experiment.seed, -1), batch_size=experiment.microbatch_size)
+    plan = {"ckpt_path": ckpt_path, "trials": experiment.trials, "scales": list(experiment.scales),
+            "trial_seeds": [trial_seed(experiment.seed, k) for k in range(experiment.trials)],
+            "num_prompts": len(prompt_ids), "responses_per_prompt": experiment.responses_per_prompt,
+            "num_sequences": len(batch_e), "num_tokens": int(batch_e.response_lengths.sum()),
+            "experiment": asdict(experiment)}
+    (out / "plan.json").write_text(json.dumps(plan, indent=2, default=str))
+
+    writer = SummaryWriter(str(out))
+    trials = []
+    with preserved_rng(), (out / "trials.jsonl").open("w") as lines:
+        for trial in tqdm(range(experiment.trials), desc="probe trials", disable=not progress):
+            try:
+                record = run_trial(module, policy, optimizer, batch_e, experiment, trial)
+            finally:
+                module.load_state_dict(module_state)
+                optimizer.load_state_dict(copy.deepcopy(optimizer_state))
+            trials.append(record)
+            lines.write(json.dumps(record) + "\n")
+            for row in record["per_scale"]:
+                tag = f"{row['scale']:g}"
+                writer.add_scalar(f"probe/measured@{tag}", row["measured"], trial)
+                writer.add_scalar(f"probe/linear@{tag}", row["linear"], trial)
+                if row["quadratic"] is not None:
+                    writer.add_scalar(f"probe/quadratic@{tag}", row["quadratic"], trial)
+    writer.close()
+    results = {"trials": trials, "aggregate": aggregate(trials, list(experiment.scales))}
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    return out
+
+
+def results_table(results: dict) -> str:
+    agg = results["aggregate"]
+    lines = [f"{'scale':>6} {'measured ΔH':>13} {'± SE':>10} {'linear':>12} {'quadratic':>12} "
+             f"{'rel.err lin':>11} {'rel.err quad':>12} {'ESS':>6}"]
+    for row in agg["per_scale"]:
+        quad = row["quadratic"]
+        lines.append(f"{row['scale']:>6g} {row['measured']:>13.4e} {row['measured_se']:>10.2e} "
+                     f"{row['linear']:>12.4e} {quad:>12.4e} {row['linear_relative_error']:>11.3f} "
+                     f"{row['quadratic_relative_error']:>12.3f} {row['ess_fraction']:>6.3f}")
+    lines.append(f"log|ΔH| vs log s: slope {agg['loglog_slope']:.3f}, R² {agg['loglog_r2']:.3f}")
+    return "\n".join(lines)

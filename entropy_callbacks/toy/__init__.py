@@ -1,0 +1,7 @@
+"""The embedded default: a tiny tokenizer and policy, a toy task, and a GRPO module."""
+
+from .grpo import GRPOModule, Rollouts
+from .policy import LoraOptions, TinyModelOptions
+from .task import PromptItem, copy_task
+
+__all__ = ["GRPOModule", "Rollouts", "LoraOptions", "TinyModelOptions", "PromptItem", "copy_task"]
