@@ -181,7 +181,7 @@ def _decode(model, rows: list[tuple[list[int], int, int]], width: int, config: S
         kwargs = forward_kwargs(model, step_input, mask, position_ids[:, -step_input.shape[1]:], keep_last=1)
         out = model(**kwargs, **cache_kwargs(model, cache), use_cache=True)
         cache = returned_cache(out)
-        logq, _ = sampling_log_probs(out.logits[:, -1].float(), config)
+        logq, _ = sampling_log_probs(out.logits[:, -1], config)
         vocab = logq.shape[-1]
         uniform = torch.stack([torch.rand(vocab, generator=gen, device=device) for gen in generators])
         gumbel = -torch.log(-torch.log(uniform.clamp(min=torch.finfo(uniform.dtype).tiny)))

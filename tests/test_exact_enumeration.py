@@ -1,0 +1,333 @@
+"""Exact enumeration: the estimators against population values computed by brute force.
+
+A float64 Llama with a 6-token vocabulary, responses of at most 3 tokens (EOS = 1 reachable),
+four prompts drawn uniformly. Every response of every prompt is enumerated (156 per prompt), so
+the population entropy (token and sequence normalisations, SPEC §2), its directional derivative
+along Δθ and the exact ΔH of a step are known to ~1e-10. The reference below is written from
+SPEC §2 alone and shares no code with ``entropy_callbacks`` (its own softmax/top-p, its own
+forward): the library's estimate from sampled sequences must match it within its standard error,
+and over many seeds the z-scores (estimate − exact) / SE must look standard normal — i.e. the
+grouped-jackknife standard errors are calibrated.
+
+Sampling design: the population draws x uniformly among the prompts, so every seed draws
+``slots`` prompt slots uniformly at random (own generator) and asks for R = 4 responses each;
+the slots are then iid groups and the grouped jackknife (group = slot) is an honest SE.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+
+import pytest
+import torch
+from torch.func import functional_call
+
+from entropy_callbacks import SamplingConfig, entropy_estimate, measure_delta_h, predict_delta_h, sample_batch
+from tiny_models import float64_rmsnorm, tiny_model
+
+VOCAB, EOS, PAD, MAX_NEW = 6, 1, 0, 3
+RESPONSES_PER_SLOT = 4
+# init_std 0.3 / seed 9: token entropies ~1.1-1.6 nats at τ = 1 (of log 6 = 1.79), top-p 0.9 at
+# τ = 0.7 keeps ~3.5 of 6 tokens, and EOS ends 40-70 % of the responses before the 3rd token.
+MODEL_SEED, INIT_STD = 9, 0.3
+PROMPTS = [[4], [2, 3], [5, 3], [3, 2, 5]]  # different lengths: left padding is exercised
+CONFIGS = {
+    "tau1": SamplingConfig(max_new_tokens=MAX_NEW, temperature=1.0),
+    "tau0.7-top_p0.9": SamplingConfig(max_new_tokens=MAX_NEW, temperature=0.7, top_p=0.9),
+}
+NORMALIZATIONS = ("token", "sequence")
+SMALL_STEP = 2e-3  # ‖Δθ‖ of the measured step: the top-p support does not move (asserted)
+LARGE_STEP = 0.1  # ‖Δθ‖ of a step that moves the top-p support (~2 % of the mass per token)
+FD_STEP = 1e-5
+SINGLE_SLOTS = 500  # x 4 responses = 2000 sequences for the one-run 4-SE check
+CALIBRATION_SLOTS = 250  # x 4 = 1000 sequences per seed in the z-score loop
+CALIBRATION_SEEDS = range(1, 61)  # 60 seeds
+QUANTITIES = ("entropy", "linear", "delta_h")
+
+
+# --------------------------------------------------------------------------------------------
+# Exact reference (SPEC §2, independent of entropy_callbacks)
+# --------------------------------------------------------------------------------------------
+
+def all_responses() -> list[list[int]]:
+    """Every response: ends at its first EOS (which counts) or after MAX_NEW tokens."""
+    out = []
+    for length in range(1, MAX_NEW + 1):
+        for ys in itertools.product(range(VOCAB), repeat=length):
+            if EOS not in ys[:-1] and (length == MAX_NEW or ys[-1] == EOS):
+                out.append(list(ys))
+    return out
+
+
+RESPONSES = all_responses()
+assert len(RESPONSES) == 1 + (VOCAB - 1) + (VOCAB - 1) ** 2 * VOCAB  # 156
+
+
+def reference_log_q(logits: torch.Tensor, temperature: float, top_p: float):
+    """log of softmax(logits/τ) restricted to the top-p support and renormalised (Hugging Face
+    semantics: sort ascending, drop tokens whose cumulative probability is <= 1 - top_p, always
+    keep the most likely one). Also returns the support and each context's distance to a top-p
+    boundary tie (how far the cumulative sums sit from 1 - top_p)."""
+    z = logits / temperature
+    probs = z.softmax(-1)
+    keep = torch.ones_like(probs, dtype=torch.bool)
+    margin = torch.full(probs.shape[:-1], math.inf, dtype=probs.dtype)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(-1)
+        cumulative = sorted_probs.cumsum(-1)
+        drop = cumulative <= 1.0 - top_p
+        drop[..., -1] = False
+        keep = ~torch.zeros_like(drop).scatter(-1, order, drop)
+        margin = (cumulative[..., :-1] - (1.0 - top_p)).abs().amin(-1)
+    return z.masked_fill(~keep, -math.inf).log_softmax(-1), keep, margin
+
+
+def exact_population(model, params: dict, config: SamplingConfig, *, origin: dict | None = None) -> dict:
+    """Population values at θ = ``params`` by enumerating every response of every prompt.
+
+    Returns token/sequence entropies E_x E_y[Σ_k H_k] / E_x E_y[T] and E_x E_y[Σ_k H_k], the
+    check value E_x E_y[−log q(y|x)], per-prompt total probability, the per-position supports
+    and which positions are reachable, the smallest top-p tie margin over reachable positions,
+    and, given ``origin`` (this function's result at θ₀), the population value of
+    ``outside_support``: E_x E_{y~q_θ₀}[Σ_k mass of q_θ,k outside θ₀'s support] / E_x E_{y~q_θ₀}[T].
+    """
+    lengths = torch.tensor([len(y) for y in RESPONSES], dtype=torch.float64)
+    padded = torch.tensor([y + [PAD] * (MAX_NEW - len(y)) for y in RESPONSES])
+    counted = torch.arange(MAX_NEW)[None] < lengths[:, None]
+    sum_h, sum_t, nll, totals, probs, supports, reachable, margins, outside = ([] for _ in range(9))
+    for g, prompt in enumerate(PROMPTS):
+        ids = torch.cat([torch.tensor(prompt).expand(len(RESPONSES), -1), padded], 1)
+        logits = functional_call(model, params, (), {"input_ids": ids, "use_cache": False}).logits
+        logits = logits[:, len(prompt) - 1: len(prompt) - 1 + MAX_NEW].double()  # predict y_1..y_3
+        log_q, keep, margin = reference_log_q(logits, config.temperature, config.top_p)
+        # 0·log 0 = 0 outside the support (masked before the product: no NaN gradients)
+        token_entropy = -(log_q.exp() * log_q.masked_fill(~keep, 0.0)).sum(-1)
+        token_log_q = log_q.gather(-1, padded[..., None]).squeeze(-1).masked_fill(~counted, 0.0)
+        prob = token_log_q.sum(-1).exp()  # q(y | x)
+        prefix = torch.cat([torch.ones(len(RESPONSES), 1, dtype=torch.float64),
+                            token_log_q.exp().cumprod(-1)[:, :-1]], 1)
+        reach = counted & (prefix.detach() > 0)
+        sum_h.append((prob * (token_entropy * counted).sum(-1)).sum())
+        sum_t.append((prob * lengths).sum())
+        nll.append((prob * torch.where(prob > 0, -token_log_q.sum(-1), 0.0)).sum())
+        totals.append(float(prob.detach().sum()))
+        probs.append(prob.detach())
+        supports.append(keep)
+        reachable.append(reach)
+        margins.append(float(margin.detach()[reach].min()))
+        if origin is not None:  # E is drawn at θ₀: weight by q_θ₀(y|x)
+            mass = torch.where(origin["supports"][g], 0.0, log_q.detach().exp()).sum(-1)
+            outside.append((origin["probs"][g] * (mass * counted).sum(-1)).sum())
+    mean = lambda xs: torch.stack(xs).mean()  # noqa: E731  (x uniform among the prompts)
+    result = dict(token=mean(sum_h) / mean(sum_t), sequence=mean(sum_h), nll=mean(nll), totals=totals,
+                  expected_length=float(mean(sum_t).detach()), probs=probs, supports=supports, reachable=reachable,
+                  tie_margin=min(margins))
+    if origin is not None:
+        result["outside"] = float(mean(outside)) / origin["expected_length"]
+    return result
+
+
+def shifted(base: dict, direction: dict, scale: float) -> dict:
+    return {n: base[n] + scale * direction[n] for n in base}
+
+
+def supports_equal(a: dict, b: dict) -> bool:
+    """Same support at every position reachable from a (the positions E can contain)."""
+    return all(bool(((ka != kb).any(-1) & ra).sum() == 0)
+               for ka, kb, ra in zip(a["supports"], b["supports"], a["reachable"]))
+
+
+# --------------------------------------------------------------------------------------------
+# Fixtures
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module", autouse=True)
+def environment():
+    """float64 RMSNorm (HF computes it in float32 even in a float64 model, SPEC §4, which would
+    drown a 1e-5 finite difference), and one intra-op thread: these tensors are tiny, and on a
+    loaded 2-core machine thread oversubscription made single ops 10-1000x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with float64_rmsnorm():
+            yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return tiny_model("llama", tmp_path_factory.mktemp("exact"), dtype=torch.float64, vocab=VOCAB,
+                      init_std=INIT_STD, seed=MODEL_SEED)
+
+
+@pytest.fixture(scope="module")
+def base(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+class Reference:
+    """Exact values for one sampling configuration."""
+
+    def __init__(self, model, base: dict, config: SamplingConfig):
+        self.config = config
+        self.at_origin = exact_population(model, base, config)
+        self.direction = self._direction(model, base, config)
+        exact = lambda s: exact_population(model, shifted(base, self.direction, s), config)  # noqa: E731
+        with torch.no_grad():
+            plus, minus = exact(FD_STEP), exact(-FD_STEP)
+            plus2, minus2 = exact(2 * FD_STEP), exact(-2 * FD_STEP)
+            self.small = exact(SMALL_STEP)
+            self.large = exact_population(model, shifted(base, self.direction, LARGE_STEP), config,
+                                          origin=self.at_origin)
+        self.fd_supports_fixed = all(supports_equal(self.at_origin, e) for e in (plus, minus, plus2, minus2))
+        self.value = {k: float(self.at_origin[k]) for k in NORMALIZATIONS}
+        # Central finite differences of the exact population value at h and 2h (O(h²) error,
+        # ~1e-8 here), Richardson-extrapolated to O(h⁴); their gap bounds the reference's error.
+        self.derivative_h = {k: float(plus[k] - minus[k]) / (2 * FD_STEP) for k in NORMALIZATIONS}
+        self.derivative_2h = {k: float(plus2[k] - minus2[k]) / (4 * FD_STEP) for k in NORMALIZATIONS}
+        self.derivative = {k: (4 * self.derivative_h[k] - self.derivative_2h[k]) / 3 for k in NORMALIZATIONS}
+        self.delta_h = {k: float(self.small[k] - self.at_origin[k]) for k in NORMALIZATIONS}
+
+    @staticmethod
+    def _direction(model, base: dict, config: SamplingConfig) -> dict:
+        """A unit-norm Δθ over all trainable parameters: half random, half down the exact entropy
+        gradient (so the derivative is many standard errors away from 0, and a sign or scale error
+        in the prediction cannot hide), the PAD embedding row left at 0.
+
+        HF initialises the padding_idx embedding row to zero, and RMSNorm of a zero vector has
+        derivative 1/sqrt(eps) = 1e3: moving that row makes every quantity violently nonlinear
+        (logit curvature ~1e5 along a unit step). A real optimizer step never moves it (its
+        gradient is zero), so Δθ does not either."""
+        point = {n: p.clone().requires_grad_(True) for n, p in base.items()}
+        grads = torch.autograd.grad(exact_population(model, point, config)["token"], list(point.values()))
+        gen = torch.Generator().manual_seed(1234)
+        noise = {n: torch.randn(p.shape, generator=gen, dtype=p.dtype) for n, p in base.items()}
+        noise["model.embed_tokens.weight"][PAD] = 0.0
+        unit = lambda d: {n: t / torch.sqrt(sum(v.square().sum() for v in d.values())) for n, t in d.items()}  # noqa: E731
+        grad = unit({n: g.detach() for n, g in zip(point, grads)})
+        noise = unit(noise)
+        return unit({n: noise[n] - grad[n] for n in base})
+
+
+@pytest.fixture(scope="module")
+def references(model, base):
+    return {name: Reference(model, base, config) for name, config in CONFIGS.items()}
+
+
+def draw_batch(model, config: SamplingConfig, seed: int, slots: int):
+    """``slots`` prompts drawn uniformly (own generator), R = 4 responses each: iid groups."""
+    gen = torch.Generator().manual_seed(seed)
+    chosen = torch.randint(len(PROMPTS), (slots,), generator=gen).tolist()
+    return sample_batch(model, [PROMPTS[j] for j in chosen], config, eos_token_id=EOS, pad_token_id=PAD,
+                        responses_per_prompt=RESPONSES_PER_SLOT, seed=seed)
+
+
+def estimates(model, base: dict, reference: Reference, batch) -> dict:
+    """(estimate, SE, exact) for every quantity and normalisation, plus outside_support."""
+    small = {n: SMALL_STEP * d for n, d in reference.direction.items()}
+    out = {}
+    for norm in NORMALIZATIONS:
+        est = entropy_estimate(model, batch, normalize=norm)
+        pred = predict_delta_h(model, batch, base, reference.direction, order=1, normalize=norm)
+        with warnings.catch_warnings():
+            # the small step keeps the support: its warning must not fire
+            warnings.filterwarnings("error", message=".*support", category=UserWarning)
+            meas = measure_delta_h(model, batch, base, small, normalize=norm)
+        out[("entropy", norm)] = (est.value, est.se, reference.value[norm])
+        out[("linear", norm)] = (pred.linear, pred.linear_se, reference.derivative[norm])
+        out[("delta_h", norm)] = (meas.delta[0], meas.delta_se[0], reference.delta_h[norm])
+        out[("outside_support", norm)] = meas.outside_support[0]
+    return out
+
+
+@pytest.fixture(scope="module")
+def calibration(model, base, references):
+    """z-scores over the calibration seeds, per configuration and quantity."""
+    runs = {}
+    for name, config in CONFIGS.items():
+        rows = [estimates(model, base, references[name], draw_batch(model, config, seed, CALIBRATION_SLOTS))
+                for seed in CALIBRATION_SEEDS]
+        runs[name] = rows
+    return runs
+
+
+# --------------------------------------------------------------------------------------------
+# Tests
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_reference_is_exact(references, name):
+    """The enumeration is complete, the identities of SPEC §2 hold, the finite difference has
+    converged, and the top-p support is away from ties and does not move inside the FD stencil
+    nor at the small step (so the exact derivative is the locally-constant-support one)."""
+    ref = references[name]
+    assert ref.at_origin["totals"] == pytest.approx([1.0] * len(PROMPTS), abs=1e-12)
+    # E_y[Σ_k H_k] = E_y[−log q(y|x)]: sequence-normalised entropy is the response entropy.
+    assert float(ref.at_origin["sequence"]) == pytest.approx(float(ref.at_origin["nll"]), abs=1e-12)
+    for norm in NORMALIZATIONS:
+        assert ref.derivative_h[norm] == pytest.approx(ref.derivative_2h[norm], abs=1e-6)
+        # Large against any standard error below: the derivative checks have teeth.
+        assert abs(ref.derivative[norm]) > 0.05
+    assert ref.fd_supports_fixed
+    assert supports_equal(ref.at_origin, ref.small)
+    if ref.config.top_p < 1.0:
+        assert ref.at_origin["tie_margin"] > 1e-5  # float32 sampler and float64 reference agree
+        # top-p really truncates at the positions E can reach
+        kept = torch.cat([k[r] for k, r in zip(ref.at_origin["supports"], ref.at_origin["reachable"])]).sum(-1)
+        assert kept.double().mean() < VOCAB - 1.5
+    # EOS is reachable: short responses carry real probability mass
+    assert ref.at_origin["expected_length"] < MAX_NEW - 0.5
+    assert ref.value["sequence"] / ref.value["token"] == pytest.approx(ref.at_origin["expected_length"], rel=1e-12)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_one_run_within_4_se(model, base, references, name):
+    """One E of 2000 sequences: every estimate within 4 SE of its exact value."""
+    batch = draw_batch(model, CONFIGS[name], seed=10_000, slots=SINGLE_SLOTS)
+    assert len(batch) == SINGLE_SLOTS * RESPONSES_PER_SLOT
+    out = estimates(model, base, references[name], batch)
+    for quantity in QUANTITIES:
+        for norm in NORMALIZATIONS:
+            value, se, exact = out[(quantity, norm)]
+            assert se > 0 and math.isfinite(se)
+            assert abs(value - exact) < 4 * se, (quantity, norm, value, exact, se)
+    assert out[("outside_support", "token")] == out[("outside_support", "sequence")] == 0.0
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("quantity", QUANTITIES)
+@pytest.mark.parametrize("norm", NORMALIZATIONS)
+def test_standard_errors_calibrated(calibration, name, quantity, norm):
+    """Over 60 seeds, z = (estimate − exact) / SE has |mean| < 0.5 and std in [0.7, 1.4]."""
+    z = torch.tensor([(row[(quantity, norm)][0] - row[(quantity, norm)][2]) / row[(quantity, norm)][1]
+                      for row in calibration[name]], dtype=torch.float64)
+    assert len(z) >= 50
+    mean, std = float(z.mean()), float(z.std())
+    print(f"{name} {quantity} {norm}: z mean {mean:+.3f} std {std:.3f}")
+    assert abs(mean) < 0.5, (mean, std)
+    assert 0.7 <= std <= 1.4, (mean, std)
+
+
+def test_small_step_keeps_the_support(calibration):
+    """Under top-p the small step moves no mass outside θ₀'s support (and no warning, checked
+    in every call above); untruncated sampling reports 0 by definition."""
+    for name in CONFIGS:
+        assert all(row[("outside_support", norm)] == 0.0 for row in calibration[name] for norm in NORMALIZATIONS)
+
+
+def test_large_step_flags_outside_support(model, base, references):
+    """A step large enough to move the top-p support: outside_support fires, with a warning."""
+    name = "tau0.7-top_p0.9"
+    ref = references[name]
+    assert ref.large["outside"] > 1e-2  # exact population mass per token outside θ₀'s support
+    assert not supports_equal(ref.at_origin, ref.large)
+    batch = draw_batch(model, CONFIGS[name], seed=10_000, slots=SINGLE_SLOTS)
+    large = {n: LARGE_STEP * d for n, d in ref.direction.items()}
+    with pytest.warns(UserWarning, match="support"):
+        meas = measure_delta_h(model, batch, base, large)
+    assert meas.outside_support[0] > 1e-3
+    # the estimate tracks the exact population mass (a plain mean over ~4600 positions)
+    assert meas.outside_support[0] == pytest.approx(ref.large["outside"], rel=0.2)
