@@ -50,7 +50,12 @@ def _exact_layer_norm() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _jvp_attention(model: torch.nn.Module) -> Iterator[None]:
+def math_attention(model: torch.nn.Module) -> Iterator[None]:
+    """SDPA on the MATH backend (a fused-only implementation switched to "sdpa" meanwhile).
+
+    Value passes use it too: the MATH kernel gives each row the same result whatever the batch
+    size (CPU flash attention splits its work by batch size), and values and derivatives are
+    then of one and the same function."""
     inner = hf_model(model)
     original = getattr(inner.config, "_attn_implementation", None)
     switch = original in _FUSED_ONLY and hasattr(inner, "set_attn_implementation")
@@ -68,7 +73,7 @@ def _jvp_attention(model: torch.nn.Module) -> Iterator[None]:
 def forward_ad_ready(model: torch.nn.Module, order: int) -> Iterator[None]:
     """Context for a JVP pass of the given order (1: single JVP, 2: nested JVP)."""
     with contextlib.ExitStack() as stack:
-        stack.enter_context(_jvp_attention(model))
+        stack.enter_context(math_attention(model))
         if order >= 2:
             stack.enter_context(_exact_layer_norm())
             stack.enter_context(torch.enable_grad())

@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.func import functional_call, jvp
 
 from .distribution import entropy, mass_outside, sampling_log_probs
-from .forward_mode import forward_ad_ready
+from .forward_mode import forward_ad_ready, math_attention
 from .model_guard import forward_kwargs
 from .sampling import ProbeBatch
 
@@ -90,9 +90,10 @@ def score_values(model, batch: ProbeBatch, point: Mapping[str, Tensor], estimato
                  at_origin: bool, reference_support: Tensor | None = None,
                  keep_support: bool = False) -> SequenceValues:
     """A plain forward at θ = ``point`` (names not in it: the model's current values)."""
-    log_prob, integrand, outside, support = _token_terms(
-        model, batch, _all_params(model, point), estimator, at_origin=at_origin,
-        reference_support=reference_support, keep_support=keep_support)
+    with math_attention(model):
+        log_prob, integrand, outside, support = _token_terms(
+            model, batch, _all_params(model, point), estimator, at_origin=at_origin,
+            reference_support=reference_support, keep_support=keep_support)
     return SequenceValues(log_prob, integrand, outside, support)
 
 
