@@ -57,9 +57,11 @@ def check_step(model: torch.nn.Module, base: Mapping[str, Tensor],
     if frozen:
         raise ValueError(f"delta names parameters that are not trainable (requires_grad=False): {frozen[:5]}; "
                          "Δθ should cover the trainable parameters only (e.g. the LoRA tensors)")
-    for name, value in delta.items():
-        if not bool(torch.isfinite(value).all()):
-            raise ValueError(f"delta[{name!r}] contains NaN or inf; the captured step is not usable")
+    # One fused norm per tensor instead of an isfinite pass each (NaN/inf propagate into it).
+    norms = torch._foreach_norm([v.detach() for v in delta.values()])
+    if not bool(torch.isfinite(torch.stack([n.to("cpu", torch.float64) for n in norms])).all()):
+        bad = next(name for name, value in delta.items() if not bool(torch.isfinite(value).all()))
+        raise ValueError(f"delta[{bad!r}] contains NaN or inf; the captured step is not usable")
     return params
 
 
@@ -79,6 +81,10 @@ def point_on_step(params: dict[str, torch.nn.Parameter], base: Mapping[str, Tens
                   delta: Mapping[str, Tensor], scale: float) -> dict[str, Tensor]:
     """θ₀ + s·Δθ for the named tensors (computed in at least float32, stored in the param dtype)."""
     point = {n: base[n].detach() for n in base}
+    if scale == 0.0:
+        for name in delta:
+            point.setdefault(name, params[name].detach())
+        return {n: t.to(params[n].device) for n, t in point.items()}
     for name, step in delta.items():
         param = params[name]
         origin = base[name] if name in base else param

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 from torch.func import functional_call, jvp
 
@@ -112,8 +113,11 @@ def score_derivatives(model, batch: ProbeBatch, origin: Mapping[str, Tensor], di
 
     with forward_ad_ready(model, order):
         if order == 1:
-            (log_prob, integrand), (d_log_prob, d_integrand) = jvp(terms, (primal,), (dict(direction),))
-            return SequenceDerivatives(log_prob, integrand, d_log_prob, d_integrand)
+            # Plain dual tensors: a few percent cheaper than torch.func.jvp (fewer matmuls).
+            with fwAD.dual_level():
+                dual = {n: fwAD.make_dual(primal[n], direction[n]) for n in direction}
+                log_prob, integrand = (fwAD.unpack_dual(t) for t in terms(dual))
+            return SequenceDerivatives(log_prob.primal, integrand.primal, log_prob.tangent, integrand.tangent)
 
         def with_first(moving: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
             values, firsts = jvp(terms, (moving,), (dict(direction),))
