@@ -21,7 +21,6 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from .engine import concat_terms
 from .metrics import Calibration
 from .model_guard import preserved_rng
 from .prompts import load_prompts, tokenize_prompts
@@ -142,6 +141,9 @@ class EntropyProbe(Callback):
         self.records: list[ProbeRecord] = []
         self._layout_written = False
         self.print_summary = True
+        self._due_step: int | None = None
+        self._failure: str | None = None
+        self._last_batch = None
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -184,30 +186,44 @@ class EntropyProbe(Callback):
         return eos, int(pad)
 
     # ------------------------------------------------------------------ hooks
+    # Protocol: the probe of step t begins in on_before_optimizer_step (θ₀, before the step)
+    # and ends in the first on_train_batch_end after global_step passes t. Under DDP every rank
+    # with a due probe joins one all_gather of its share (or None if it failed), so a failure
+    # on one rank makes all ranks skip that probe together instead of hanging.
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._last_step = trainer.global_step
+        self._due_step = None
+
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
-        core = self.core
-        if core is None or core.pending is not None or not core.due(trainer.global_step):
+        core, step = self.core, trainer.global_step
+        if core is None or self._due_step is not None or not core.due(step):
             return
+        self._due_step = step
         lr = float(optimizer.param_groups[0]["lr"]) if optimizer.param_groups else math.nan
-        self._guarded(trainer, lambda: core.begin(self.policy, trainer.global_step, lr))
+        self._last_batch = self._contained(step, lambda: core.begin(self.policy, step, lr))
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
-        core = self.core
-        if core is None or core.pending is None or trainer.global_step <= core.pending.step:
-            return  # no optimizer step yet (gradient accumulation)
-        batch_e = core.pending.batch
-        record = self._guarded(trainer, lambda: core.finish(self.policy, self._gather(trainer)))
-        if record is not None:
-            self._publish(trainer, record, batch_e)
+        if self.core is None:
+            return
+        completed = range(getattr(self, "_last_step", trainer.global_step), trainer.global_step)
+        self._last_step = trainer.global_step
+        for step in completed:  # empty until an optimizer step happens (gradient accumulation)
+            if step == self._due_step:
+                self._due_step = None
+                self._finish_probe(trainer, step)
+            elif self.core.due(step):
+                # The optimizer step ran without on_before_optimizer_step (e.g. a module that
+                # skipped optimizer.step()): nothing moved that the probe saw.
+                self._publish(trainer, ProbeRecord(step=step, skipped=True), None)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.print_summary and trainer.is_global_zero and self.calibration.history:
             rank_zero_info(self.summary_table())
 
     # ------------------------------------------------------------------ internals
-    def _guarded(self, trainer: pl.Trainer, action):
-        """Run a probe action; with on_error='warn' a failure never reaches the training loop."""
+    def _contained(self, step: int, action):
+        """Run a probe action; a failure cancels the probe (re-raised with on_error='raise')."""
         try:
             with preserved_rng(next(self.policy.parameters()).device):
                 return action()
@@ -215,23 +231,33 @@ class EntropyProbe(Callback):
             self.core.cancel()
             if self.on_error == "raise":
                 raise
-            self.probe_errors += 1
-            warnings.warn(f"EntropyProbe: the probe at step {trainer.global_step} failed and was skipped "
-                          f"({type(error).__name__}: {error}); training continues", RuntimeWarning, stacklevel=2)
-            self._log_metrics(trainer, {"entropy/probe_errors": float(self.probe_errors)}, trainer.global_step)
+            self._failure = f"{type(error).__name__}: {error}"
             return None
+
+    def _finish_probe(self, trainer: pl.Trainer, step: int) -> None:
+        core = self.core
+        local = self._contained(step, lambda: core.measure_local(self.policy)) if core.pending else None
+        parts = self._gather(trainer, local)
+        batch_e = None if local is None else self._last_batch
+        if any(part is None for part in parts):
+            self.probe_errors += 1
+            reason = getattr(self, "_failure", None) or "it failed on another rank"
+            self._failure = None
+            warnings.warn(f"EntropyProbe: the probe at step {step} failed and was skipped ({reason}); training continues",
+                          RuntimeWarning, stacklevel=2)
+            self._log_metrics(trainer, {"entropy/probe_errors": float(self.probe_errors)}, step)
+            return
+        record = self._contained(step, lambda: core.summarize(parts))
+        if record is not None:
+            self._publish(trainer, record, batch_e)
 
     @staticmethod
-    def _gather(trainer: pl.Trainer):
+    def _gather(trainer: pl.Trainer, local) -> list:
         if trainer.world_size <= 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
-            return None
-
-        def gather(terms):
-            parts = [None] * trainer.world_size
-            torch.distributed.all_gather_object(parts, terms)
-            return concat_terms(parts)
-
-        return gather
+            return [local]
+        parts = [None] * trainer.world_size
+        torch.distributed.all_gather_object(parts, local)
+        return parts
 
     def _publish(self, trainer: pl.Trainer, record: ProbeRecord, batch_e) -> None:
         self.records.append(record)
@@ -248,13 +274,13 @@ class EntropyProbe(Callback):
         if not trainer.is_global_zero:
             return
         self._log_metrics(trainer, metrics, record.step)
-        if not record.skipped:
+        if not record.skipped and batch_e is not None:
             self._log_tensorboard(trainer, record, batch_e)
         if self.jsonl:
             path = self.jsonl_path(trainer)
             path.parent.mkdir(parents=True, exist_ok=True)
             with path.open("a") as f:
-                f.write(json.dumps(record.to_json(), allow_nan=True) + "\n")
+                f.write(json.dumps(record.to_json(), allow_nan=False) + "\n")
 
     @staticmethod
     def _log_metrics(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:

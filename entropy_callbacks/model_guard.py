@@ -84,21 +84,25 @@ def probe_mode(model: torch.nn.Module) -> Iterator[None]:
     training = [m.training for m in modules]
     checkpointing = [(m, m.gradient_checkpointing) for m in modules
                      if isinstance(getattr(m, "gradient_checkpointing", None), bool)]
-    input_grad_hooks = [(m, key, hook) for m in modules for key, hook in list(m._forward_hooks.items())
-                        if _is_input_grad_hook(hook)]
+    # Modules carrying the input-grad hook, with their whole hook dict so order is restored.
+    hooked = [(m, dict(m._forward_hooks)) for m in modules
+              if any(_is_input_grad_hook(h) for h in m._forward_hooks.values())]
     device = next(model.parameters()).device
     try:
         with preserved_rng(device):
             model.eval()
             for m, _ in checkpointing:
                 m.gradient_checkpointing = False
-            for m, key, _ in input_grad_hooks:
-                del m._forward_hooks[key]
+            for m, hooks in hooked:
+                for key, hook in hooks.items():
+                    if _is_input_grad_hook(hook):
+                        del m._forward_hooks[key]
             yield
     finally:
         for m, flag in zip(modules, training):
             m.training = flag
         for m, flag in checkpointing:
             m.gradient_checkpointing = flag
-        for m, key, hook in input_grad_hooks:
-            m._forward_hooks[key] = hook
+        for m, hooks in hooked:
+            m._forward_hooks.clear()
+            m._forward_hooks.update(hooks)

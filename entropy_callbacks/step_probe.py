@@ -1,9 +1,10 @@
 """The framework-free core of EntropyProbe: probe one real optimizer step.
 
 ``begin`` (before the optimizer step) samples E at θ₀ and snapshots the trainable parameters;
-``finish`` (after it) takes Δθ = θ₁ − θ₀, predicts and measures ΔH on E and returns a
-``ProbeRecord``. A ``gather`` callable combines per-sequence terms across DDP ranks; the
-Lightning callback supplies it, the core never imports Lightning.
+``measure_local`` (after it) takes Δθ = θ₁ − θ₀ and runs the prediction and measurement passes
+on this rank's share of E; ``summarize`` combines the shares of all ranks exactly into one
+``ProbeRecord``. The Lightning callback moves the shares between ranks; the core never imports
+Lightning.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import hashlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Literal, Sequence
+from typing import Literal, Sequence
 
 import torch
 
@@ -114,7 +115,9 @@ class ProbeRecord:
         return m
 
     def to_json(self) -> dict:
-        return asdict(self)
+        """A dict for strict JSON: NaN becomes None (null)."""
+        clean = lambda v: None if isinstance(v, float) and math.isnan(v) else v  # noqa: E731
+        return {k: [clean(x) for x in v] if isinstance(v, list) else clean(v) for k, v in asdict(self).items()}
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -134,7 +137,17 @@ class _Pending:
     seconds: float
 
 
-Gather = Callable[[object], object]  # terms of this rank -> terms of all ranks, concatenated
+@dataclass
+class LocalTerms:
+    """One rank's share of a probe, before the ranks are combined (picklable)."""
+
+    step: int
+    lr: float
+    step_norm: float
+    seconds: float
+    skipped: bool = False
+    prediction: object = None  # engine.PredictionTerms
+    measurement: object = None  # engine.MeasurementTerms
 
 
 class StepProbe:
@@ -167,28 +180,45 @@ class StepProbe:
     def cancel(self) -> None:
         self.pending = None
 
-    def finish(self, model: torch.nn.Module, gather: Gather | None = None) -> ProbeRecord:
-        """After the optimizer step: Δθ, prediction and measurement on E."""
+    def measure_local(self, model: torch.nn.Module) -> "LocalTerms":
+        """After the optimizer step: Δθ, and the per-sequence terms of this rank's share of E."""
         pending, self.pending = self.pending, None
         if pending is None:
-            raise RuntimeError("finish() called without begin()")
+            raise RuntimeError("measure_local() called without begin()")
         started = time.perf_counter()
         o = self.options
         delta = step_delta(model, pending.before)
+        local = LocalTerms(step=pending.step, lr=pending.lr, step_norm=step_norm(delta), seconds=pending.seconds)
         if is_skipped(delta):
-            return ProbeRecord(step=pending.step, skipped=True, lr=pending.lr)
+            local.skipped = True
+            return local
         kwargs = dict(estimator=o.estimator, microbatch_size=o.microbatch_size)
         base = pending.before  # moved to each parameter's device where used
-        prediction = prediction_terms(model, pending.batch, base, delta, order=o.order, **kwargs)
-        measurement = measurement_terms(model, pending.batch, base, delta, scales=o.scales, **kwargs)
-        if gather is not None:
-            prediction, measurement = gather(prediction), gather(measurement)
+        local.prediction = prediction_terms(model, pending.batch, base, delta, order=o.order, **kwargs)
+        local.measurement = measurement_terms(model, pending.batch, base, delta, scales=o.scales, **kwargs)
+        local.seconds += time.perf_counter() - started
+        return local
+
+    def finish(self, model: torch.nn.Module) -> ProbeRecord:
+        """Single process: ``measure_local`` then ``summarize``."""
+        return self.summarize([self.measure_local(model)])
+
+    def summarize(self, parts: Sequence["LocalTerms"]) -> ProbeRecord:
+        """Combine the ranks' terms exactly (concatenated per sequence) into one record."""
+        first = parts[0]
+        if first.skipped:
+            return ProbeRecord(step=first.step, skipped=True, lr=first.lr)
+        started = time.perf_counter()
+        o = self.options
+        prediction = concat_terms([p.prediction for p in parts])
+        measurement = concat_terms([p.measurement for p in parts])
         predicted = summarize_prediction(prediction, o.normalize)
         measured = summarize_measurement(measurement, o.scales, o.normalize)
+        seconds = max(p.seconds for p in parts) + time.perf_counter() - started
         quadratic = predicted.quadratic
         best = predicted.linear if quadratic is None else quadratic
         return ProbeRecord(
-            step=pending.step,
+            step=first.step,
             entropy_before=measured.entropy_before,
             entropy_before_se=measured.entropy_before_se,
             delta_measured=measured.delta[0],
@@ -200,10 +230,10 @@ class StepProbe:
             delta_quadratic=quadratic,
             taylor_error=measured.delta[0] - best,
             ess=measured.ess_fraction[0],
-            step_norm=step_norm(delta),
-            lr=pending.lr,
-            delta_linear_per_lr=predicted.linear / pending.lr if pending.lr else math.nan,
-            probe_seconds=pending.seconds + time.perf_counter() - started,
+            step_norm=first.step_norm,
+            lr=first.lr,
+            delta_linear_per_lr=predicted.linear / first.lr if first.lr else math.nan,
+            probe_seconds=seconds,
             scales=list(o.scales),
             delta_measured_at=list(measured.delta),
             delta_measured_se_at=list(measured.delta_se),

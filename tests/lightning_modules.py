@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 import lightning.pytorch as pl
+from lightning.pytorch.loggers import Logger
 from torch.utils.data import DataLoader, TensorDataset
 
 from tiny_models import VOCAB
@@ -43,3 +44,47 @@ def random_token_loader(num: int = 64, length: int = 8, batch_size: int = 8, see
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.randint(2, VOCAB, (num, length), generator=gen)
     return DataLoader(TensorDataset(tokens), batch_size=batch_size, shuffle=False)
+
+
+class SeededAdvantageModule(TinyPolicyModule):
+    """TinyPolicyModule whose advantages come from a generator seeded by the optimizer step
+    instead of the global RNG, so a run resumed from a checkpoint (which carries neither the
+    global RNG nor, for a plain DataLoader, the data position) trains exactly like the
+    uninterrupted run when every batch holds the same tokens."""
+
+    def training_step(self, batch, batch_idx):
+        (tokens,) = batch
+        logits = self.policy(input_ids=tokens, use_cache=False).logits[:, :-1]
+        logp = torch.log_softmax(logits.float(), -1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
+        gen = torch.Generator().manual_seed(self.trainer.global_step)
+        advantages = torch.randn(tokens.shape[0], 1, generator=gen).to(tokens.device)
+        loss = -(advantages * logp).mean()
+        self.log("train/loss", loss)
+        return loss
+
+
+class MemoryLogger(Logger):
+    """Keeps every ``log_metrics`` call as (step, metrics) in memory, on every rank (no
+    rank-zero filtering, so a test can see which rank logged what)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logged: list[tuple[int | None, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "memory"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.logged.append((step, {k: float(v) for k, v in metrics.items()}))
+
+    def values(self, tag: str) -> dict[int, float]:
+        """{step: value} of one tag (the last value logged at each step)."""
+        return {step: m[tag] for step, m in self.logged if tag in m}
