@@ -327,14 +327,17 @@ class EntropyProbe(Callback):
 
     def summary_table(self) -> str:
         c = self.calibration.compute()
+        quadratic = self.options.order == 2
         lines = ["EntropyProbe calibration over the run",
                  f"  probes                 {int(c['count'])}  (errors {self.probe_errors}, skipped {self.skipped_steps})",
-                 f"  Pearson r  linear      {c['pearson_linear']:.4f}",
-                 f"  Pearson r  quadratic   {c['pearson_quadratic']:.4f}",
-                 f"  MAE        linear      {c['mae_linear']:.3e}",
-                 f"  MAE        quadratic   {c['mae_quadratic']:.3e}",
-                 f"  sign agreement         {c['sign_agreement']:.3f}",
-                 f"  |pred - meas| <= 2 SE  {c['coverage_2se']:.3f}"]
+                 f"  Pearson r  linear      {c['pearson_linear']:.4f}"]
+        if quadratic:
+            lines.append(f"  Pearson r  quadratic   {c['pearson_quadratic']:.4f}")
+        lines.append(f"  MAE        linear      {c['mae_linear']:.3e}")
+        if quadratic:
+            lines.append(f"  MAE        quadratic   {c['mae_quadratic']:.3e}")
+        lines += [f"  sign agreement         {c['sign_agreement']:.3f}   (of the {'quadratic' if quadratic else 'linear'} prediction)",
+                  f"  |pred - meas| <= 2 SE  {c['coverage_2se']:.3f}"]
         return "\n".join(lines)
 
     # ------------------------------------------------------------------ state

@@ -12,10 +12,12 @@ The module must provide ``update_batch(seed)`` (draw U) and ``policy_loss(U) -> 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal, Union
@@ -133,7 +135,8 @@ def run_trial(module, policy, optimizer, batch_e, experiment: ProbeExperiment, t
         })
     slope, r2 = log_log_fit(list(measurement.scales), measurement.delta)
     return {
-        "trial": trial, "seed": seed, "loss": float(loss), "reward": float(stats.get("reward", math.nan)),
+        "trial": trial, "seed": seed, "loss": float(loss.detach()),
+        "reward": float(stats.get("reward", math.nan)),
         "step_norm": step_norm(delta), "entropy_before": measurement.entropy_before,
         "entropy_before_se": measurement.entropy_before_se, "linear": prediction.linear,
         "linear_se": prediction.linear_se, "curvature": prediction.curvature,
@@ -150,21 +153,43 @@ def _mean_se(values: list[float]) -> tuple[float, float]:
     return float(t.mean()), se
 
 
+def _median(values: list[float]) -> float:
+    finite = sorted(v for v in values if v is not None and math.isfinite(v))
+    if not finite:
+        return math.nan
+    mid = len(finite) // 2
+    return finite[mid] if len(finite) % 2 else 0.5 * (finite[mid - 1] + finite[mid])
+
+
 def aggregate(trials: list[dict], scales: list[float]) -> dict:
-    """Means over trials with their standard errors (across trials)."""
-    out = {"per_scale": []}
+    """Means over trials with their standard errors (across trials).
+
+    The aggregate relative errors compare the mean predictions with the mean measured ΔH, and the
+    aggregate log-log slope is fitted to the mean measured ΔH: a mean of per-trial ratios is
+    dominated by any trial whose measured ΔH happens to be near 0 (their medians are kept too).
+    """
+    out = {"num_trials": len(trials), "per_scale": []}
     for k, scale in enumerate(scales):
         row = {"scale": scale}
-        for name in ("measured", "measured_se", "linear", "quadratic", "linear_relative_error",
-                     "quadratic_relative_error", "ess_fraction", "outside_support"):
+        for name in ("measured", "measured_se", "linear", "quadratic", "ess_fraction", "outside_support"):
             mean, se = _mean_se([t["per_scale"][k][name] for t in trials])
             row[name] = mean
             row[f"{name}_across_trials_se"] = se
+        for order in ("linear", "quadratic"):
+            predicted = row[order] if math.isfinite(row[order]) else None
+            row[f"{order}_relative_error"] = _relative_error(predicted, row["measured"])
+            row[f"{order}_relative_error_trial_median"] = _median(
+                [t["per_scale"][k][f"{order}_relative_error"] for t in trials])
         out["per_scale"].append(row)
-    for name in ("linear", "curvature", "loglog_slope", "loglog_r2", "step_norm", "entropy_before"):
+    for name in ("linear", "curvature", "step_norm", "entropy_before"):
         mean, se = _mean_se([t[name] for t in trials])
         out[name] = mean
         out[f"{name}_across_trials_se"] = se
+    out["loglog_slope"], out["loglog_r2"] = log_log_fit(list(scales), [row["measured"] for row in out["per_scale"]])
+    for name in ("loglog_slope", "loglog_r2"):
+        mean, se = _mean_se([t[name] for t in trials])
+        out[f"{name}_trial_mean"] = mean
+        out[f"{name}_trial_mean_se"] = se
     return out
 
 
@@ -183,10 +208,43 @@ def load_training_state(module, optimizer, ckpt_path: str | None) -> None:
     if not Path(ckpt_path).is_file():
         raise ValueError(f"ckpt_path {ckpt_path!r} does not exist")
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    module.load_state_dict(checkpoint["state_dict"])
+    if "state_dict" not in checkpoint:
+        raise ValueError(f"ckpt_path {ckpt_path!r} is not a Lightning checkpoint (it has no 'state_dict')")
+    _warn_on_hparam_mismatch(module, checkpoint.get("hyper_parameters") or {}, ckpt_path)
+    try:
+        module.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as error:
+        raise ValueError(f"the checkpoint {ckpt_path!r} does not fit the configured model; set `model:` to the "
+                         f"module config of the run that wrote it (its config.yaml / hparams.yaml).\n{error}") from None
     states = checkpoint.get("optimizer_states") or []
     if states:
-        optimizer.load_state_dict(states[0])
+        try:
+            optimizer.load_state_dict(states[0])
+        except ValueError as error:
+            raise ValueError(f"the optimizer state in {ckpt_path!r} does not fit the model's optimizer "
+                             f"(configure_optimizers): {error}") from None
+
+
+def _plain(value):
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {k: _plain(v) for k, v in dataclasses.asdict(value).items()}
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _warn_on_hparam_mismatch(module, saved: dict, ckpt_path: str) -> None:
+    """The probe rebuilds the module from its config, not from the checkpoint: say so when the two
+    differ (a different lr or sampling would probe a different step than training took)."""
+    current = getattr(module, "hparams", None) or {}
+    differ = [f"{name}: checkpoint {_plain(saved[name])!r}, config {_plain(current[name])!r}"
+              for name in current if name in saved and not name.startswith("_")
+              and _plain(saved[name]) != _plain(current[name])]
+    if differ:
+        warnings.warn(f"the model config differs from the hyperparameters saved in {ckpt_path!r}: "
+                      + "; ".join(differ), stacklevel=3)
 
 
 def run_experiment(module, experiment: ProbeExperiment, ckpt_path: str | None = None,
@@ -237,7 +295,7 @@ def run_experiment(module, experiment: ProbeExperiment, ckpt_path: str | None = 
                 module.load_state_dict(module_state)
                 optimizer.load_state_dict(copy.deepcopy(optimizer_state))
             trials.append(record)
-            lines.write(json.dumps(record) + "\n")
+            lines.write(_json(record) + "\n")
             for row in record["per_scale"]:
                 tag = f"{row['scale']:g}"
                 writer.add_scalar(f"probe/measured@{tag}", row["measured"], trial)
@@ -246,18 +304,37 @@ def run_experiment(module, experiment: ProbeExperiment, ckpt_path: str | None = 
                     writer.add_scalar(f"probe/quadratic@{tag}", row["quadratic"], trial)
     writer.close()
     results = {"trials": trials, "aggregate": aggregate(trials, list(experiment.scales))}
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.json").write_text(_json(results, indent=2))
     return out
 
 
+def _finite_or_none(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+def _json(value, **kwargs) -> str:
+    """Strict JSON: a number that is undefined (NaN, e.g. a slope from one scale) is written as null."""
+    return json.dumps(_finite_or_none(value), allow_nan=False, **kwargs)
+
+
 def results_table(results: dict) -> str:
+    def number(value, spec: str) -> str:
+        return format(math.nan if value is None else value, spec)
+
     agg = results["aggregate"]
     lines = [f"{'scale':>6} {'measured ΔH':>13} {'± SE':>10} {'linear':>12} {'quadratic':>12} "
              f"{'rel.err lin':>11} {'rel.err quad':>12} {'ESS':>6}"]
     for row in agg["per_scale"]:
-        quad = row["quadratic"]
-        lines.append(f"{row['scale']:>6g} {row['measured']:>13.4e} {row['measured_se']:>10.2e} "
-                     f"{row['linear']:>12.4e} {quad:>12.4e} {row['linear_relative_error']:>11.3f} "
-                     f"{row['quadratic_relative_error']:>12.3f} {row['ess_fraction']:>6.3f}")
-    lines.append(f"log|ΔH| vs log s: slope {agg['loglog_slope']:.3f}, R² {agg['loglog_r2']:.3f}")
+        lines.append(f"{row['scale']:>6g} {number(row['measured'], '>13.4e')} {number(row['measured_se'], '>10.2e')} "
+                     f"{number(row['linear'], '>12.4e')} {number(row['quadratic'], '>12.4e')} "
+                     f"{number(row['linear_relative_error'], '>11.3f')} "
+                     f"{number(row['quadratic_relative_error'], '>12.3f')} {number(row['ess_fraction'], '>6.3f')}")
+    lines.append(f"log|ΔH| vs log s: slope {number(agg['loglog_slope'], '.3f')}, "
+                 f"R² {number(agg['loglog_r2'], '.3f')}")
     return "\n".join(lines)

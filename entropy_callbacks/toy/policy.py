@@ -53,6 +53,7 @@ def pretrained_policy(path: str):
     if not directory.is_dir():
         raise ValueError(f"pretrained_path {path!r} is not a directory; point it at a local HF model folder")
     model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True)
+    model.train()  # from_pretrained returns eval mode; training uses the model's own dropout settings
     tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
