@@ -233,7 +233,7 @@ def test_print_config(command, capsys):
     if command == "fit":
         callbacks = [c["class_path"] for c in section["trainer"]["callbacks"]]
         assert "entropy_callbacks.EntropyProbe" in callbacks
-        assert section["trainer"]["max_steps"] == 300
+        assert section["trainer"]["max_steps"] == yaml.safe_load(config.read_text())["trainer"]["max_steps"]
     else:
         assert section["experiment"]["trials"] == 8
         assert section["experiment"]["scales"] == SCALES
