@@ -83,6 +83,7 @@ class PredictionTerms:
 
     group: Tensor
     token_counts: Tensor
+    log_prob: Tensor
     integrand: Tensor
     d_log_prob: Tensor
     d_integrand: Tensor
@@ -112,28 +113,38 @@ def concat_terms(parts: Sequence):
 
 
 def measurement_terms(model, batch: ProbeBatch, base: Mapping[str, Tensor], delta: Mapping[str, Tensor], *,
-                      scales: Sequence[float], estimator: str, microbatch_size: int | None) -> MeasurementTerms:
+                      scales: Sequence[float], estimator: str, microbatch_size: int | None,
+                      origin: PredictionTerms | None = None) -> MeasurementTerms:
     """Run the passes of a measurement: one forward at θ₀ and one per scale, per microbatch
-    (θ₀'s top-k/top-p support is kept only for the microbatch in hand)."""
+    (θ₀'s top-k/top-p support is kept only for the microbatch in hand).
+
+    ``origin``: a prediction on the same batch and estimator, whose primal S_i, f_i at θ₀ are
+    bitwise those of a plain θ₀ pass; it replaces that pass when nothing is truncated (with
+    top-k/top-p the θ₀ pass also supplies the support for ``outside_support``).
+    """
     params = check_step(model, base, delta)
-    origin = point_on_step(params, base, delta, 0.0)
     points = [point_on_step(params, base, delta, s) for s in scales]
     truncates = batch.config.truncates
+    reuse = origin is not None and not truncates
+    origin_point = None if reuse else point_on_step(params, base, delta, 0.0)
     at_origin, at_scale = [], [[] for _ in scales]
     with probe_mode(model):
         for mb in batch.microbatches(microbatch_size):
-            reference = score_values(model, mb, origin, estimator, at_origin=True, keep_support=truncates)
-            at_origin.append(reference)
+            reference = None
+            if not reuse:
+                reference = score_values(model, mb, origin_point, estimator, at_origin=True, keep_support=truncates)
+                at_origin.append(reference)
             for values, point in zip(at_scale, points):
                 values.append(score_values(model, mb, point, estimator, at_origin=False,
-                                           reference_support=reference.support))
-            reference.support = None  # free it before the next microbatch
+                                           reference_support=None if reference is None else reference.support))
+            if reference is not None:
+                reference.support = None  # free it before the next microbatch
     zeros = torch.zeros(len(batch), dtype=torch.float64)
     return MeasurementTerms(
         group=batch.group.cpu(),
         token_counts=_cpu(batch.response_lengths),
-        log_prob_origin=_cpu(torch.cat([v.log_prob for v in at_origin])),
-        integrand_origin=_cpu(torch.cat([v.integrand for v in at_origin])),
+        log_prob_origin=origin.log_prob if reuse else _cpu(torch.cat([v.log_prob for v in at_origin])),
+        integrand_origin=origin.integrand if reuse else _cpu(torch.cat([v.integrand for v in at_origin])),
         log_prob=[_cpu(torch.cat([v.log_prob for v in values])) for values in at_scale],
         integrand=[_cpu(torch.cat([v.integrand for v in values])) for values in at_scale],
         outside_mass=[_cpu(torch.cat([v.outside_mass for v in values])) if truncates else zeros
@@ -200,8 +211,8 @@ def prediction_terms(model, batch: ProbeBatch, base: Mapping[str, Tensor], delta
         parts = [score_derivatives(model, mb, origin, direction, estimator, order)
                  for mb in batch.microbatches(microbatch_size)]
     cat = lambda name: None if getattr(parts[0], name) is None else _cpu(torch.cat([getattr(p, name) for p in parts]))  # noqa: E731
-    return PredictionTerms(batch.group.cpu(), _cpu(batch.response_lengths), cat("integrand"), cat("d_log_prob"),
-                           cat("d_integrand"), cat("d2_log_prob"), cat("d2_integrand"))
+    return PredictionTerms(batch.group.cpu(), _cpu(batch.response_lengths), cat("log_prob"), cat("integrand"),
+                           cat("d_log_prob"), cat("d_integrand"), cat("d2_log_prob"), cat("d2_integrand"))
 
 
 def summarize_prediction(terms: PredictionTerms, normalize: str) -> Prediction:

@@ -195,7 +195,9 @@ class StepProbe:
         kwargs = dict(estimator=o.estimator, microbatch_size=o.microbatch_size)
         base = pending.before  # moved to each parameter's device where used
         local.prediction = prediction_terms(model, pending.batch, base, delta, order=o.order, **kwargs)
-        local.measurement = measurement_terms(model, pending.batch, base, delta, scales=o.scales, **kwargs)
+        # The prediction's primal values at θ₀ stand in for the measurement's θ₀ pass.
+        local.measurement = measurement_terms(model, pending.batch, base, delta, scales=o.scales,
+                                              origin=local.prediction, **kwargs)
         local.seconds += time.perf_counter() - started
         return local
 

@@ -1,0 +1,44 @@
+"""The callback's framework-free core gives exactly what the public functions give.
+
+StepProbe reuses the prediction pass's primal values at θ₀ in place of the measurement's θ₀
+pass (they are bitwise the same computation); this checks the record against separate calls of
+predict_delta_h and measure_delta_h on the same E and the same real step.
+"""
+
+import pytest
+import torch
+
+from entropy_callbacks import SamplingConfig, measure_delta_h, predict_delta_h
+from entropy_callbacks.step_probe import ProbeOptions, StepProbe
+from tiny_models import EOS, PAD, tiny_model
+
+
+@pytest.mark.parametrize("sampling", [SamplingConfig(max_new_tokens=5), SamplingConfig(max_new_tokens=5, top_p=0.9)],
+                         ids=["untruncated", "top-p"])
+@pytest.mark.parametrize("microbatch_size", [None, 3])
+def test_step_probe_record_equals_the_public_functions(tmp_path, sampling, microbatch_size):
+    model = tiny_model("llama", tmp_path)
+    options = ProbeOptions(sampling=sampling, responses_per_prompt=3, order=2, scales=(1.0, 2.0),
+                           microbatch_size=microbatch_size)
+    core = StepProbe(options, [[2, 3, 4], [2, 5], [6, 7, 8, 9]], eos_token_id=EOS, pad_token_id=PAD)
+    batch = core.begin(model, step=0, lr=1e-2)
+    theta0 = {n: t.clone() for n, t in core.pending.before.items()}
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    logits.logsumexp(-1).mean().backward()
+    optimizer.step()
+    delta = {n: p.detach() - theta0[n] for n, p in model.named_parameters()}
+
+    record = core.finish(model)
+    prediction = predict_delta_h(model, batch, theta0, delta, order=2, microbatch_size=microbatch_size)
+    measurement = measure_delta_h(model, batch, theta0, delta, scales=(1.0, 2.0), microbatch_size=microbatch_size)
+    assert record.delta_linear == prediction.linear
+    assert record.curvature == prediction.curvature
+    assert record.delta_quadratic == prediction.quadratic
+    assert record.entropy_before == measurement.entropy_before
+    assert record.delta_measured_at == measurement.delta
+    assert record.delta_measured_se_at == measurement.delta_se
+    assert record.ess_at == measurement.ess_fraction
+    assert record.outside_support == measurement.outside_support
+    assert record.per_sequence_linear == prediction.per_sequence_linear.tolist()
