@@ -84,7 +84,7 @@ class EntropyProbe(Callback):
         scales: step scales to measure; s = 1 (the real step) is always included.
         normalize: "token" (nats per token) or "sequence".
         estimator: "rb" (Rao-Blackwell, full-distribution entropies) or "naive" (−log q).
-        microbatch_size: rows per probe pass (None: all of E at once). The default 32 bounds the
+        microbatch_size: rows per probe pass (None: all of E at once). The default 64 bounds the
             probe's peak memory and keeps its cost linear in the size of E (benchmarks/README.md).
         policy: attribute path of the HF model on the LightningModule (default: autodetect).
         tokenizer: attribute path of the tokenizer, needed for string prompts and samples.
@@ -106,7 +106,7 @@ class EntropyProbe(Callback):
         scales: list[float] = [1.0],  # noqa: B006 - jsonargparse needs a concrete default
         normalize: Literal["token", "sequence"] = "token",
         estimator: Literal["rb", "naive"] = "rb",
-        microbatch_size: int | None = 32,
+        microbatch_size: int | None = 64,
         policy: str | None = None,
         tokenizer: str | None = None,
         seed: int = 0,

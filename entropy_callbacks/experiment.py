@@ -57,7 +57,7 @@ class ProbeExperiment:
     order: int = 2
     normalize: Literal["token", "sequence"] = "token"
     estimator: Literal["rb", "naive"] = "rb"
-    microbatch_size: int | None = 32
+    microbatch_size: int | None = 64
     seed: int = 0
     output_root: str = "runs/probe"
 

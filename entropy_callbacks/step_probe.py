@@ -35,7 +35,7 @@ class ProbeOptions:
     scales: tuple[float, ...] = (1.0,)
     normalize: Literal["token", "sequence"] = "token"
     estimator: Literal["rb", "naive"] = "rb"
-    microbatch_size: int | None = 32
+    microbatch_size: int | None = 64
     seed: int = 0
     snapshot_device: Literal["auto", "cpu"] = "auto"
 
