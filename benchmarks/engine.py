@@ -25,15 +25,15 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
-import warnings
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from harness import DTYPES, prepare, random_llama, random_step, timer  # noqa: E402
 from entropy_callbacks import SamplingConfig, measure_delta_h, predict_delta_h, sample_batch  # noqa: E402
 
 TARGETS = {  # CPU targets, as multiples of one no-grad forward
@@ -42,7 +42,6 @@ TARGETS = {  # CPU targets, as multiples of one no-grad forward
     "order 1": 3.5,
     "order 2": 10.0,
 }
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -74,23 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    config = LlamaConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=688 if args.hidden == 256 else 4 * args.hidden,  # Llama's 8/3*h rounded, as 688 for h=256
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.heads,
-        max_position_embeddings=max(128, args.prompt + args.tokens),
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(args.seed)
-    model = AutoModelForCausalLM.from_config(config)
-    return model.to(device=args.device, dtype=DTYPES[args.dtype]).eval()
-
+    return random_llama(vocab=args.vocab, hidden=args.hidden, layers=args.layers, heads=args.heads,
+                        max_positions=args.prompt + args.tokens, seed=args.seed, device=args.device, dtype=args.dtype)
 
 def draw_batch(model, args: argparse.Namespace, config: SamplingConfig):
     gen = torch.Generator().manual_seed(args.seed)
@@ -103,48 +87,17 @@ def draw_batch(model, args: argparse.Namespace, config: SamplingConfig):
     return lambda: sample_batch(model, prompts, config, **kwargs)
 
 
-def make_step(model, args: argparse.Namespace):
-    gen = torch.Generator().manual_seed(args.seed + 1)
-    base = {n: p.detach().clone() for n, p in model.named_parameters()}
-    delta = {n: (args.step_size * torch.randn(p.shape, generator=gen)).to(p.device, p.dtype)
-             for n, p in model.named_parameters()}
-    return base, delta
-
-
-def timer(device: str, clock: str = "wall") -> Callable[[Callable[[], object]], float]:
-    now = time.process_time if clock == "cpu" else time.perf_counter
-
-    def run(fn: Callable[[], object]) -> float:
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = now()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return now() - start
-    return run
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
-    # sample_batch passes past_key_values=, which this transformers deprecates: keep the table clean.
-    warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
-    try:
-        from transformers.utils import logging as hf_logging
-        hf_logging.set_verbosity_error()
-    except ImportError:
-        pass
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("--device cuda: no CUDA device available", file=sys.stderr)
-        return 2
+    exit_code = prepare(args.threads, args.device)
+    if exit_code is not None:
+        return exit_code
 
     model = build_model(args)
     config = SamplingConfig(max_new_tokens=args.tokens, top_k=args.top_k, top_p=args.top_p)
     sample = draw_batch(model, args, config)
     batch = sample()
-    base, delta = make_step(model, args)
+    base, delta = random_step(model, args.step_size, args.seed + 1)
 
     input_ids, attention_mask = batch.input_ids, batch.attention_mask
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)

@@ -50,9 +50,7 @@ import copy
 import math
 import statistics
 import sys
-import time
 import types
-import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -60,7 +58,9 @@ from typing import Callable, NamedTuple
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from harness import prepare, random_llama, timer  # noqa: E402
 from entropy_callbacks import SamplingConfig, measure_delta_h, predict_delta_h, sample_batch  # noqa: E402
 from entropy_callbacks import estimators  # noqa: E402
 from entropy_callbacks.engine import measurement_terms, summarize_measurement  # noqa: E402
@@ -136,27 +136,13 @@ def default_h(dtype: torch.dtype) -> float:
 
 
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    config = LlamaConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=688 if args.hidden == 256 else 4 * args.hidden,  # as benchmarks/engine.py
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.heads,
-        max_position_embeddings=max(128, args.prompt + args.tokens),
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(args.seed)
-    model = AutoModelForCausalLM.from_config(config)
+    model = random_llama(vocab=args.vocab, hidden=args.hidden, layers=args.layers, heads=args.heads,
+                         max_positions=args.prompt + args.tokens, seed=args.seed, device=args.device)
     with torch.no_grad():  # the PAD row: random like the others (see the module docstring)
         gen = torch.Generator().manual_seed(args.seed + 3)
         embedding = model.get_input_embeddings().weight
-        embedding[0] = config.initializer_range * torch.randn(embedding.shape[1], generator=gen)
-    return model.to(device=args.device, dtype=torch.float32).eval()
-
+        embedding[0] = model.config.initializer_range * torch.randn(embedding.shape[1], generator=gen).to(embedding)
+    return model
 
 def prompts_for(args: argparse.Namespace, seed: int) -> list[list[int]]:
     gen = torch.Generator().manual_seed(seed)
@@ -356,20 +342,6 @@ class PerSequence:
 # ---------------------------------------------------------------------------------------------
 
 
-def timer(device: str, clock: str = "wall") -> Callable[[Callable[[], object]], float]:
-    now = time.process_time if clock == "cpu" else time.perf_counter
-
-    def run(fn: Callable[[], object]) -> float:
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = now()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return now() - start
-    return run
-
-
 def relative_error(value: float | None, reference: float) -> float:
     if value is None:
         return math.nan
@@ -382,17 +354,9 @@ def fmt_err(x: float) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
-    try:
-        from transformers.utils import logging as hf_logging
-        hf_logging.set_verbosity_error()
-    except ImportError:
-        pass
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("--device cuda: no CUDA device available", file=sys.stderr)
-        return 2
+    exit_code = prepare(args.threads, args.device)
+    if exit_code is not None:
+        return exit_code
     h32 = args.fd_h32 if args.fd_h32 is not None else default_h(torch.float32)
     h64 = args.fd_h64 if args.fd_h64 is not None else default_h(torch.float64)
 

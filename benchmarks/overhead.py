@@ -53,10 +53,12 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import lightning.pytorch as pl  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 
+from harness import prepare  # noqa: E402
 from entropy_callbacks import EntropyProbe, SamplingConfig  # noqa: E402
 from entropy_callbacks.step_probe import ProbeOptions, StepProbe  # noqa: E402
 from entropy_callbacks.toy import GRPOModule, TinyModelOptions  # noqa: E402
@@ -480,16 +482,9 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", message=".*outside θ₀'s top-k/top-p support.*")
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        from transformers.utils import logging as hf_logging
-        hf_logging.set_verbosity_error()
-    except ImportError:
-        pass
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("--device cuda: no CUDA device available", file=sys.stderr)
-        return 2
+    exit_code = prepare(args.threads, args.device)
+    if exit_code is not None:
+        return exit_code
 
     import lightning
 

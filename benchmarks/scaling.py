@@ -34,7 +34,6 @@ import math
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -42,13 +41,14 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from harness import DTYPES, prepare, random_llama, random_step, timer  # noqa: E402
 from entropy_callbacks import SamplingConfig, measure_delta_h, predict_delta_h, sample_batch  # noqa: E402
 
 OPS = ("forward", "sampling", "one scale", "order 1", "order 2")
 OP_FLAGS = {"forward": "forward", "sampling": "sampling", "measure": "one scale", "order1": "order 1",
             "order2": "order 2"}
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ATTENTION_OP = "aten::scaled_dot_product_attention"
 
 
@@ -105,46 +105,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     longest = args.prompt + max(max(args.tokens), args.fixed_tokens)
-    config = LlamaConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=688 if args.hidden == 256 else 4 * args.hidden,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.heads,
-        max_position_embeddings=max(128, longest),
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(args.seed)
-    model = AutoModelForCausalLM.from_config(config)
-    return model.to(device=args.device, dtype=DTYPES[args.dtype]).eval()
-
-
-def make_step(model, args: argparse.Namespace):
-    gen = torch.Generator().manual_seed(args.seed + 1)
-    base = {n: p.detach().clone() for n, p in model.named_parameters()}
-    delta = {n: (args.step_size * torch.randn(p.shape, generator=gen)).to(p.device, p.dtype)
-             for n, p in model.named_parameters()}
-    return base, delta
-
-
-def timer(device: str, clock: str = "wall") -> Callable[[Callable[[], object]], float]:
-    now = time.process_time if clock == "cpu" else time.perf_counter
-
-    def run(fn: Callable[[], object]) -> float:
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = now()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return now() - start
-    return run
-
+    return random_llama(vocab=args.vocab, hidden=args.hidden, layers=args.layers, heads=args.heads,
+                        max_positions=longest, seed=args.seed, device=args.device, dtype=args.dtype)
 
 def operations(model, args, prompts, seqs: int, tokens: int, base, delta) -> tuple[dict[str, Callable], object]:
     """The operations at one (E size, response length) point, and E (drawn once here)."""
@@ -212,21 +175,13 @@ def fmt_time(t: float | None) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     # sample_batch passes past_key_values=, which this transformers deprecates: keep the tables clean.
-    warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
-    try:
-        from transformers.utils import logging as hf_logging
-        hf_logging.set_verbosity_error()
-    except ImportError:
-        pass
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("--device cuda: no CUDA device available", file=sys.stderr)
-        return 2
+    exit_code = prepare(args.threads, args.device)
+    if exit_code is not None:
+        return exit_code
 
     started = time.perf_counter()
     model = build_model(args)
-    base, delta = make_step(model, args)
+    base, delta = random_step(model, args.step_size, args.seed + 1)
     gen = torch.Generator().manual_seed(args.seed)
     largest = max(max(args.seqs), args.fixed_seqs)
     # Prompt ids avoid pad (0); lengths vary a little so left padding is exercised. Smaller E

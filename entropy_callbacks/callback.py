@@ -10,10 +10,9 @@ from __future__ import annotations
 import json
 import math
 import operator
-import os
 import warnings
 from pathlib import Path
-from typing import Any, Literal, Sequence, Union
+from typing import Any, Literal, Union
 
 import lightning.pytorch as pl
 import torch
@@ -143,6 +142,7 @@ class EntropyProbe(Callback):
         self._layout_written = False
         self.print_summary = True
         self._due_step: int | None = None
+        self._last_step = 0  # global_step at the last on_train_batch_end
         self._failure: str | None = None
         self._last_batch = None
 
@@ -207,7 +207,7 @@ class EntropyProbe(Callback):
                            batch_idx: int) -> None:
         if self.core is None:
             return
-        completed = range(getattr(self, "_last_step", trainer.global_step), trainer.global_step)
+        completed = range(self._last_step, trainer.global_step)
         self._last_step = trainer.global_step
         for step in completed:  # empty until an optimizer step happens (gradient accumulation)
             if step == self._due_step:

@@ -22,7 +22,7 @@ from ..distribution import entropy as token_entropy
 from ..model_guard import forward_kwargs
 from ..sampling import ProbeBatch, SamplingConfig, sample_batch
 from .policy import LoraOptions, TinyModelOptions, pretrained_policy, tiny_policy, with_lora
-from .task import PromptItem, copy_task, load_prompt_file, reward_function
+from .task import copy_task, load_prompt_file, reward_function
 
 
 @dataclass

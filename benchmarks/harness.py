@@ -1,0 +1,73 @@
+"""What the benchmark scripts share: the random Llama, a random step, a timer, quiet output."""
+
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+from typing import Callable
+
+import torch
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def random_llama(*, vocab: int, hidden: int, layers: int, heads: int, max_positions: int, seed: int,
+                 device: str = "cpu", dtype: str = "float32") -> torch.nn.Module:
+    """A Llama-style model with random weights (no download), in eval mode."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=688 if hidden == 256 else 4 * hidden,  # Llama's 8/3·h rounded: 688 for h=256
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=max(128, max_positions),
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    return model.to(device=device, dtype=DTYPES[dtype]).eval()
+
+
+def random_step(model: torch.nn.Module, step_size: float, seed: int):
+    """(θ₀, Δθ) with Δθ = step_size · N(0, 1) on every parameter."""
+    gen = torch.Generator().manual_seed(seed)
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    delta = {n: (step_size * torch.randn(p.shape, generator=gen)).to(p.device, p.dtype)
+             for n, p in model.named_parameters()}
+    return base, delta
+
+
+def timer(device: str, clock: str = "wall") -> Callable[[Callable[[], object]], float]:
+    """Seconds of one call (CUDA-synchronised; ``clock="cpu"``: this process's CPU time)."""
+    now = time.process_time if clock == "cpu" else time.perf_counter
+
+    def run(fn: Callable[[], object]) -> float:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = now()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return now() - start
+    return run
+
+
+def prepare(threads: int | None, device: str) -> int | None:
+    """Quiet library warnings, set the thread count; an exit code when the device is missing."""
+    warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
+    try:
+        from transformers.utils import logging as hf_logging
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device available", file=sys.stderr)
+        return 2
+    return None
