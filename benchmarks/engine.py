@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import DTYPES, prepare, random_llama, random_step, timer  # noqa: E402
+from harness import add_model_arguments, add_run_arguments, prepare, random_llama, random_step, timer  # noqa: E402
 from entropy_callbacks import SamplingConfig, measure_delta_h, predict_delta_h, sample_batch  # noqa: E402
 
 TARGETS = {  # CPU targets, as multiples of one no-grad forward
@@ -48,22 +48,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--repeats", type=int, default=15, help="interleaved timed repeats (after one warm-up)")
-    p.add_argument("--hidden", type=int, default=256, help="hidden size")
-    p.add_argument("--layers", type=int, default=4, help="decoder layers")
-    p.add_argument("--heads", type=int, default=4, help="attention heads")
-    p.add_argument("--vocab", type=int, default=512, help="vocabulary size")
+    add_model_arguments(p)
     p.add_argument("--seqs", type=int, default=16, help="sequences in E")
     p.add_argument("--tokens", type=int, default=64, help="response tokens per sequence (max_new_tokens)")
     p.add_argument("--prompt", type=int, default=16, help="prompt tokens per sequence")
     p.add_argument("--top-k", type=int, default=0, help="sampling top-k (0 = off)")
     p.add_argument("--top-p", type=float, default=1.0, help="sampling top-p (1 = off)")
     p.add_argument("--step-size", type=float, default=1e-3, help="delta-theta = step_size * randn, every parameter")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
-    p.add_argument("--clock", default="wall", choices=("wall", "cpu"),
-                   help="wall: perf_counter; cpu: this process's CPU time (steadier on a shared CPU, cpu device only)")
-    p.add_argument("--seed", type=int, default=0)
+    add_run_arguments(p)
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error("--repeats must be >= 1")

@@ -71,3 +71,22 @@ def prepare(threads: int | None, device: str) -> int | None:
         print("--device cuda: no CUDA device available", file=sys.stderr)
         return 2
     return None
+
+
+def add_model_arguments(p) -> None:
+    """--hidden --layers --heads --vocab: the random Llama's shape."""
+    p.add_argument("--hidden", type=int, default=256, help="hidden size")
+    p.add_argument("--layers", type=int, default=4, help="decoder layers")
+    p.add_argument("--heads", type=int, default=4, help="attention heads")
+    p.add_argument("--vocab", type=int, default=512, help="vocabulary size")
+
+
+def add_run_arguments(p, dtype: bool = True) -> None:
+    """--device [--dtype] --threads --clock --seed."""
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    if dtype:
+        p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
+    p.add_argument("--clock", default="wall", choices=("wall", "cpu"),
+                   help="wall: perf_counter; cpu: this process's CPU time (steadier on a shared CPU, cpu device only)")
+    p.add_argument("--seed", type=int, default=0)

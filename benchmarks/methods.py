@@ -60,7 +60,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import prepare, random_llama, timer  # noqa: E402
+from harness import add_model_arguments, add_run_arguments, prepare, random_llama, timer  # noqa: E402
 from entropy_callbacks import SamplingConfig, measure_delta_h, predict_delta_h, sample_batch  # noqa: E402
 from entropy_callbacks import estimators  # noqa: E402
 from entropy_callbacks.engine import measurement_terms, summarize_measurement  # noqa: E402
@@ -82,10 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--repeats", type=int, default=15, help="interleaved timed repeats (after one warm-up)")
-    p.add_argument("--hidden", type=int, default=256, help="hidden size")
-    p.add_argument("--layers", type=int, default=4, help="decoder layers")
-    p.add_argument("--heads", type=int, default=4, help="attention heads")
-    p.add_argument("--vocab", type=int, default=512, help="vocabulary size")
+    add_model_arguments(p)
     p.add_argument("--seqs", type=int, default=16, help="sequences in E (and in each training batch)")
     p.add_argument("--responses", type=int, default=4, help="responses per prompt (E and training batches)")
     p.add_argument("--tokens", type=int, default=64, help="response tokens per sequence (max_new_tokens)")
@@ -106,11 +103,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    default=[1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6], help="finite-difference h values swept")
     p.add_argument("--ref-h", type=lambda s: [float(x) for x in s.split(",")], default=[1e-1, 3e-2, 1e-2],
                    help="h values of the float64 7-point cross-check of the reference (the closest one is reported)")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
-    p.add_argument("--clock", default="wall", choices=("wall", "cpu"),
-                   help="wall: perf_counter; cpu: this process's CPU time (steadier on a shared CPU, cpu device only)")
-    p.add_argument("--seed", type=int, default=0)
+    add_run_arguments(p, dtype=False)
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error("--repeats must be >= 1")

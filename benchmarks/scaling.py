@@ -43,7 +43,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import DTYPES, prepare, random_llama, random_step, timer  # noqa: E402
+from harness import add_model_arguments, add_run_arguments, prepare, random_llama, random_step, timer  # noqa: E402
 from entropy_callbacks import SamplingConfig, measure_delta_h, predict_delta_h, sample_batch  # noqa: E402
 
 OPS = ("forward", "sampling", "one scale", "order 1", "order 2")
@@ -76,20 +76,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="skip order 2 where E size x response length exceeds this (0 = never skip)")
     p.add_argument("--microbatch", type=int, default=None,
                    help="rows per probe pass (microbatch_size) for one scale / order 1 / order 2 (default: all of E)")
-    p.add_argument("--hidden", type=int, default=256, help="hidden size")
-    p.add_argument("--layers", type=int, default=4, help="decoder layers")
-    p.add_argument("--heads", type=int, default=4, help="attention heads")
-    p.add_argument("--vocab", type=int, default=512, help="vocabulary size")
+    add_model_arguments(p)
     p.add_argument("--prompt", type=int, default=16, help="prompt tokens per sequence (lengths vary by up to 2)")
     p.add_argument("--step-size", type=float, default=1e-3, help="delta-theta = step_size * randn, every parameter")
     p.add_argument("--max-exponent", type=float, default=1.15, help="an exponent up to this counts as linear")
     p.add_argument("--no-breakdown", action="store_true", help="skip the profiled attention / rest breakdown")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
-    p.add_argument("--clock", default="wall", choices=("wall", "cpu"),
-                   help="wall: perf_counter; cpu: this process's CPU time (steadier on a shared CPU, cpu device only)")
-    p.add_argument("--seed", type=int, default=0)
+    add_run_arguments(p)
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
