@@ -102,9 +102,10 @@ def score_derivatives(model, batch: ProbeBatch, origin: Mapping[str, Tensor], di
                       estimator: str, order: int) -> SequenceDerivatives:
     """S, f at θ₀ and their first (order 1) or first and second (order 2) derivatives along Δθ.
 
-    ``origin`` holds θ₀ for every name in ``direction`` (Δθ); both in the parameters' dtypes.
+    ``origin`` holds θ₀ for every name in ``direction`` (Δθ), and may fix other parameters too
+    (names not in it: the model's current values); all in the parameters' dtypes.
     """
-    fixed = _all_params(model, {})
+    fixed = _all_params(model, {n: t for n, t in origin.items() if n not in direction})
     primal = {n: origin[n] for n in direction}
 
     def terms(moving: dict[str, Tensor]) -> tuple[Tensor, Tensor]:

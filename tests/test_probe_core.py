@@ -42,3 +42,26 @@ def test_step_probe_record_equals_the_public_functions(tmp_path, sampling, micro
     assert record.ess_at == measurement.ess_fraction
     assert record.outside_support == measurement.outside_support
     assert record.per_sequence_linear == prediction.per_sequence_linear.tolist()
+
+
+def test_base_names_outside_delta_are_held_at_base(tmp_path):
+    """θ₀ is `base` for every name it holds, also those Δθ leaves out: the prediction must not
+    read such parameters from the model (which has moved on)."""
+    from entropy_callbacks import sample_batch
+
+    model = tiny_model("llama", tmp_path)
+    batch = sample_batch(model, [[2, 3, 4], [2, 5]], SamplingConfig(max_new_tokens=4), eos_token_id=EOS,
+                         pad_token_id=PAD, responses_per_prompt=3)
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    gen = torch.Generator().manual_seed(0)
+    moving = "model.layers.0.mlp.up_proj.weight"
+    delta = {moving: 1e-2 * torch.randn(base[moving].shape, generator=gen)}
+    reference = predict_delta_h(model, batch, base, delta, order=2)
+    reference_measured = measure_delta_h(model, batch, base, delta)
+    with torch.no_grad():  # the model moves away from θ₀ in a parameter Δθ does not name
+        model.lm_head.weight.add_(0.5)
+    moved = predict_delta_h(model, batch, base, delta, order=2)
+    assert moved.linear == reference.linear and moved.curvature == reference.curvature
+    for order in (1, 2):
+        assert predict_delta_h(model, batch, base, delta, order=order).entropy == reference.entropy
+    assert measure_delta_h(model, batch, base, delta).delta == reference_measured.delta
