@@ -10,6 +10,7 @@ exactly from the sampling distribution q_θ of SPEC §2.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field, replace
 from typing import Iterator, Sequence
 
@@ -36,7 +37,7 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         if _not_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(f"SamplingConfig.max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
-        if not (self.temperature > 0) or self.temperature != self.temperature or self.temperature == float("inf"):
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ValueError(f"SamplingConfig.temperature must be a finite number > 0, got {self.temperature!r}")
         if not (0.0 < self.top_p <= 1.0):
             raise ValueError(f"SamplingConfig.top_p must lie in (0, 1], got {self.top_p!r}; use 1.0 to turn top-p off")
