@@ -90,3 +90,9 @@ def add_run_arguments(p, dtype: bool = True) -> None:
     p.add_argument("--clock", default="wall", choices=("wall", "cpu"),
                    help="wall: perf_counter; cpu: this process's CPU time (steadier on a shared CPU, cpu device only)")
     p.add_argument("--seed", type=int, default=0)
+
+
+def check_run_arguments(p, args) -> None:
+    """Parser errors for run-flag combinations that make no sense."""
+    if args.clock == "cpu" and args.device != "cpu":
+        p.error("--clock cpu only makes sense with --device cpu")

@@ -60,7 +60,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import add_model_arguments, add_run_arguments, prepare, random_llama, timer  # noqa: E402
+from harness import check_run_arguments, add_model_arguments, add_run_arguments, prepare, random_llama, timer  # noqa: E402
 from entropy_callbacks import SamplingConfig, measure_delta_h, predict_delta_h, sample_batch  # noqa: E402
 from entropy_callbacks import estimators  # noqa: E402
 from entropy_callbacks.engine import measurement_terms, summarize_measurement  # noqa: E402
@@ -111,8 +111,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--adam-steps must be >= 1")
     if args.seqs % args.responses:
         p.error("--seqs must be a multiple of --responses")
-    if args.clock == "cpu" and args.device != "cpu":
-        p.error("--clock cpu only makes sense with --device cpu")
+    check_run_arguments(p, args)
     for flag, hs in (("--h-grid", args.h_grid), ("--ref-h", args.ref_h)):
         if not hs or any(not (h > 0) for h in hs):
             p.error(f"{flag} must list positive step sizes")

@@ -58,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lightning.pytorch as pl  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 
-from harness import prepare  # noqa: E402
+from harness import check_run_arguments, prepare  # noqa: E402
 from entropy_callbacks import EntropyProbe, SamplingConfig  # noqa: E402
 from entropy_callbacks.step_probe import ProbeOptions, StepProbe  # noqa: E402
 from entropy_callbacks.toy import GRPOModule, TinyModelOptions  # noqa: E402
@@ -125,8 +125,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--steps and --repeats must be >= 1")
     if args.memory_only and args.timing_only:
         p.error("--memory-only and --timing-only exclude each other")
-    if args.clock == "cpu" and args.device != "cpu":
-        p.error("--clock cpu only makes sense with --device cpu")
+    check_run_arguments(p, args)
     if args.group_size < 2:
         p.error("--group-size must be >= 2 (GRPO normalises within groups)")
     if any(m < 1 for m in args.microbatch_sizes) or (args.timing_microbatch_size or 1) < 1:

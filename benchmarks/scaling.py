@@ -43,7 +43,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import add_model_arguments, add_run_arguments, prepare, random_llama, random_step, timer  # noqa: E402
+from harness import check_run_arguments, add_model_arguments, add_run_arguments, prepare, random_llama, random_step, timer  # noqa: E402
 from entropy_callbacks import SamplingConfig, measure_delta_h, predict_delta_h, sample_batch  # noqa: E402
 
 OPS = ("forward", "sampling", "one scale", "order 1", "order 2")
@@ -85,8 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
-    if args.clock == "cpu" and args.device != "cpu":
-        p.error("--clock cpu only makes sense with --device cpu")
+    check_run_arguments(p, args)
     if args.prompt < 3:
         p.error("--prompt must be >= 3")
     unknown = [o for o in args.ops.split(",") if o and o not in OP_FLAGS]
