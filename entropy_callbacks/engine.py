@@ -17,7 +17,9 @@ from torch import Tensor
 
 from . import estimators
 from .model_guard import probe_mode
-from .params import check_point, check_scales, check_step, point_on_step, tangent
+from .params import StepPoint, check_point, check_scales, check_step
+from .precision import (PassPrecision, Precision, check_precision, effective_dtype, partner_dtype,
+                        pass_numerics, resolve_precision, unit_roundoff)
 from .results import Estimate, Measurement, Prediction
 from .sampling import ProbeBatch
 from .scoring import score_derivatives, score_values
@@ -47,16 +49,20 @@ def _prepare(model: torch.nn.Module, batch: ProbeBatch) -> ProbeBatch:
 
 def entropy_estimate(model, batch: ProbeBatch, *, params: Mapping[str, Tensor] | None = None,
                      normalize: str = "token", estimator: str = "rb",
-                     microbatch_size: int | None = None) -> Estimate:
+                     microbatch_size: int | None = None, precision: Precision = "auto") -> Estimate:
     """Ĥ(θ₀) = Σ f_i / Σ c_i on E, with its grouped-jackknife standard error.
 
     ``params`` overrides named parameters (θ₀ = the model's values with those replaced).
+    ``precision``: the compute dtype of the pass (``precision`` module; "auto": float64 where
+    the hardware allows).
     """
     check_options(normalize, estimator, microbatch_size)
+    check_precision(precision)
     batch = _prepare(model, batch)
-    point = dict(params or {})
-    check_point(model, point, kind="params")
-    with probe_mode(model):
+    overrides = dict(params or {})
+    check_point(model, overrides, kind="params")
+    point = StepPoint(overrides, {}, 0.0, resolve_precision(precision, model).values)
+    with probe_mode(model), pass_numerics(model, point.dtype):
         integrand = torch.cat([score_values(model, mb, point, estimator, at_origin=True).integrand
                                for mb in batch.microbatches(microbatch_size)])
     norm = estimators.normaliser(batch.response_lengths, normalize)
@@ -66,7 +72,11 @@ def entropy_estimate(model, batch: ProbeBatch, *, params: Mapping[str, Tensor] |
 
 @dataclass
 class MeasurementTerms:
-    """Per-sequence terms of a measurement (CPU float64), ready to concatenate across ranks."""
+    """Per-sequence terms of a measurement (CPU float64), ready to concatenate across ranks.
+
+    ``partner_*``: S_i, f_i at θ₀ from a pass in another precision, whose difference from the
+    θ₀ values, times ``roundoff_ratio``, estimates the rounding error of the value passes.
+    """
 
     group: Tensor
     token_counts: Tensor
@@ -75,11 +85,15 @@ class MeasurementTerms:
     log_prob: list[Tensor]  # one per scale
     integrand: list[Tensor]
     outside_mass: list[Tensor]
+    partner_log_prob: Tensor
+    partner_integrand: Tensor
+    roundoff_ratio: float
 
 
 @dataclass
 class PredictionTerms:
-    """Per-sequence derivative terms of a prediction (CPU float64)."""
+    """Per-sequence derivative terms of a prediction (CPU float64), and the unit roundoff of the
+    precision the pass computed in."""
 
     group: Tensor
     token_counts: Tensor
@@ -89,6 +103,7 @@ class PredictionTerms:
     d_integrand: Tensor
     d2_log_prob: Tensor | None
     d2_integrand: Tensor | None
+    roundoff: float
 
 
 def _cpu(x: Tensor | None) -> Tensor | None:
@@ -103,8 +118,8 @@ def concat_terms(parts: Sequence):
     merged = {}
     for name in first.__dataclass_fields__:
         values = [getattr(p, name) for p in parts]
-        if values[0] is None:
-            merged[name] = None
+        if values[0] is None or isinstance(values[0], float):  # per-pass constants: the same on every rank
+            merged[name] = values[0]
         elif isinstance(values[0], list):
             merged[name] = [torch.cat([v[k] for v in values])[order] for k in range(len(values[0]))]
         else:
@@ -114,21 +129,32 @@ def concat_terms(parts: Sequence):
 
 def measurement_terms(model, batch: ProbeBatch, base: Mapping[str, Tensor], delta: Mapping[str, Tensor], *,
                       scales: Sequence[float], estimator: str, microbatch_size: int | None,
-                      origin: PredictionTerms | None = None) -> MeasurementTerms:
-    """Run the passes of a measurement: one forward at θ₀ and one per scale, per microbatch
-    (θ₀'s top-k/top-p support is kept only for the microbatch in hand).
+                      precision: PassPrecision, origin: PredictionTerms | None = None) -> MeasurementTerms:
+    """Run the passes of a measurement: one forward at θ₀ and one per scale, per microbatch, in
+    ``precision.values`` (θ₀'s top-k/top-p support is kept only for the microbatch in hand), and
+    the θ₀ pass in a partner precision for the rounding floor.
 
-    ``origin``: a prediction on the same batch and estimator, whose primal S_i, f_i at θ₀ are
-    bitwise those of a plain θ₀ pass; it replaces that pass when nothing is truncated (with
-    top-k/top-p the θ₀ pass also supplies the support for ``outside_support``).
+    ``origin``: a prediction on the same batch and estimator. When it ran in the same precision
+    its primal S_i, f_i at θ₀ are bitwise those of a plain θ₀ pass and replace that pass (unless
+    top-k/top-p needs θ₀'s support); when it ran in another precision it is the partner pass.
     """
-    params = check_step(model, base, delta)
-    points = [point_on_step(params, base, delta, s) for s in scales]
+    check_step(model, base, delta)
+    dtype = precision.values
+    rounds_in = effective_dtype(dtype, model)
+    points = [StepPoint(base, delta, s, dtype) for s in scales]
     truncates = batch.config.truncates
-    reuse = origin is not None and not truncates
-    origin_point = None if reuse else point_on_step(params, base, delta, 0.0)
-    at_origin, at_scale = [], [[] for _ in scales]
-    with probe_mode(model):
+    partner_roundoff = unit_roundoff(partner_dtype(rounds_in))
+    if origin is not None and origin.roundoff != unit_roundoff(rounds_in):
+        partner_roundoff = origin.roundoff
+        partner = origin
+        reuse = False
+    else:
+        partner = None
+        reuse = origin is not None and not truncates
+    origin_point = StepPoint(base, delta, 0.0, dtype)
+    partner_point = StepPoint(base, delta, 0.0, partner_dtype(rounds_in))
+    at_origin, at_partner, at_scale = [], [], [[] for _ in scales]
+    with probe_mode(model), pass_numerics(model, dtype):
         for mb in batch.microbatches(microbatch_size):
             reference = None
             if not reuse:
@@ -139,7 +165,12 @@ def measurement_terms(model, batch: ProbeBatch, base: Mapping[str, Tensor], delt
                                            reference_support=None if reference is None else reference.support))
             if reference is not None:
                 reference.support = None  # free it before the next microbatch
+    if partner is None:
+        with probe_mode(model), pass_numerics(model, partner_point.dtype):
+            at_partner = [score_values(model, mb, partner_point, estimator, at_origin=True)
+                          for mb in batch.microbatches(microbatch_size)]
     zeros = torch.zeros(len(batch), dtype=torch.float64)
+    unit = unit_roundoff(rounds_in)
     return MeasurementTerms(
         group=batch.group.cpu(),
         token_counts=_cpu(batch.response_lengths),
@@ -149,6 +180,12 @@ def measurement_terms(model, batch: ProbeBatch, base: Mapping[str, Tensor], delt
         integrand=[_cpu(torch.cat([v.integrand for v in values])) for values in at_scale],
         outside_mass=[_cpu(torch.cat([v.outside_mass for v in values])) if truncates else zeros
                       for values in at_scale],
+        partner_log_prob=partner.log_prob if partner is not None else _cpu(torch.cat([v.log_prob for v in at_partner])),
+        partner_integrand=(partner.integrand if partner is not None
+                           else _cpu(torch.cat([v.integrand for v in at_partner]))),
+        # A lower-precision partner's error, scaled by the ratio of unit roundoffs, estimates the
+        # value passes' error; a higher-precision partner's difference is that error itself.
+        roundoff_ratio=min(1.0, unit / partner_roundoff),
     )
 
 
@@ -156,6 +193,9 @@ def summarize_measurement(terms: MeasurementTerms, scales: Sequence[float], norm
                           warn: bool = True) -> Measurement:
     norm = estimators.normaliser(terms.token_counts, normalize)
     before = estimators.entropy_at_origin(terms.integrand_origin, norm, terms.group)
+    floor = estimators.rounding_floor(terms.integrand_origin, norm,
+                                      terms.roundoff_ratio * (terms.partner_log_prob - terms.log_prob_origin),
+                                      terms.roundoff_ratio * (terms.partner_integrand - terms.integrand_origin))
     num_tokens = float(terms.token_counts.sum())
     shifts, outside = [], []
     for k, scale in enumerate(scales):
@@ -168,6 +208,10 @@ def summarize_measurement(terms: MeasurementTerms, scales: Sequence[float], norm
             warnings.warn(f"at scale {scale:g} the step moved {mass:.2e} of the sampling mass per token outside "
                           "θ₀'s top-k/top-p support; SNIS cannot see those sequences, so the measured ΔH is "
                           "biased there", stacklevel=3)
+        if warn and abs(shifts[-1].delta) < floor:
+            warnings.warn(f"at scale {scale:g} the measured ΔH ({shifts[-1].delta:.3e}) is below the estimated "
+                          f"rounding error of its passes ({floor:.1e}); it is float rounding, not the step. "
+                          "Measure with precision='float64' (docs/method.md, Precision)", stacklevel=3)
     return Measurement(
         entropy_before=before.value,
         entropy_after=[s.after for s in shifts],
@@ -177,22 +221,26 @@ def summarize_measurement(terms: MeasurementTerms, scales: Sequence[float], norm
         outside_support=outside,
         scales=tuple(scales),
         entropy_before_se=before.se,
+        delta_floor=floor,
     )
 
 
 def measure_delta_h(model, batch: ProbeBatch, base: Mapping[str, Tensor], delta: Mapping[str, Tensor], *,
                     scales: Sequence[float] = (1.0,), normalize: str = "token", estimator: str = "rb",
-                    microbatch_size: int | None = None) -> Measurement:
+                    microbatch_size: int | None = None, precision: Precision = "auto") -> Measurement:
     """Measured ΔH(s) = Ĥ(θ₀ + sΔθ) − Ĥ(θ₀) by SNIS on the same E, for each scale s.
 
-    Warns when a step moves more than 1e-3 of the sampling mass per token outside θ₀'s
-    top-k/top-p support (``outside_support``), where SNIS is blind.
+    ``precision``: compute dtype of the value passes ("auto": float64 where the hardware allows;
+    see the ``precision`` module). ``delta_floor`` estimates their rounding error; a warning
+    says when a measured ΔH is below it, and when a step moves more than 1e-3 of the sampling
+    mass per token outside θ₀'s top-k/top-p support (``outside_support``), where SNIS is blind.
     """
     check_options(normalize, estimator, microbatch_size)
+    check_precision(precision)
     scales = check_scales(scales)
     batch = _prepare(model, batch)
     terms = measurement_terms(model, batch, base, delta, scales=scales, estimator=estimator,
-                              microbatch_size=microbatch_size)
+                              microbatch_size=microbatch_size, precision=resolve_precision(precision, model))
     return summarize_measurement(terms, scales, normalize)
 
 
@@ -202,17 +250,19 @@ def check_order(order: int) -> None:
 
 
 def prediction_terms(model, batch: ProbeBatch, base: Mapping[str, Tensor], delta: Mapping[str, Tensor], *,
-                     order: int, estimator: str, microbatch_size: int | None) -> PredictionTerms:
-    """Run the derivative passes: one JVP (order 1) or one nested JVP (order 2) per microbatch."""
-    params = check_step(model, base, delta)
-    origin = point_on_step(params, base, delta, 0.0)
-    direction = tangent(params, delta)
-    with probe_mode(model):
-        parts = [score_derivatives(model, mb, origin, direction, estimator, order)
+                     order: int, estimator: str, microbatch_size: int | None,
+                     precision: PassPrecision) -> PredictionTerms:
+    """Run the derivative passes in ``precision.derivatives``: one JVP (order 1) or one nested
+    JVP (order 2) per microbatch."""
+    check_step(model, base, delta)
+    dtype = precision.derivatives
+    with probe_mode(model), pass_numerics(model, dtype):
+        parts = [score_derivatives(model, mb, base, delta, dtype, estimator, order)
                  for mb in batch.microbatches(microbatch_size)]
     cat = lambda name: None if getattr(parts[0], name) is None else _cpu(torch.cat([getattr(p, name) for p in parts]))  # noqa: E731
     return PredictionTerms(batch.group.cpu(), _cpu(batch.response_lengths), cat("log_prob"), cat("integrand"),
-                           cat("d_log_prob"), cat("d_integrand"), cat("d2_log_prob"), cat("d2_integrand"))
+                           cat("d_log_prob"), cat("d_integrand"), cat("d2_log_prob"), cat("d2_integrand"),
+                           roundoff=unit_roundoff(effective_dtype(dtype, model)))
 
 
 def summarize_prediction(terms: PredictionTerms, normalize: str) -> Prediction:
@@ -234,12 +284,14 @@ def summarize_prediction(terms: PredictionTerms, normalize: str) -> Prediction:
 
 def predict_delta_h(model, batch: ProbeBatch, base: Mapping[str, Tensor], delta: Mapping[str, Tensor], *,
                     order: int = 2, normalize: str = "token", estimator: str = "rb",
-                    microbatch_size: int | None = None) -> Prediction:
+                    microbatch_size: int | None = None, precision: Precision = "auto") -> Prediction:
     """Taylor prediction of ΔH along Δθ: g′(0) by one JVP pass (order 1), or g′(0) and g″(0) by
-    one nested JVP pass (order 2)."""
+    one nested JVP pass (order 2), in the derivative dtype of ``precision`` ("auto": float32, or
+    float64 for a float64 model)."""
     check_options(normalize, estimator, microbatch_size)
     check_order(order)
+    check_precision(precision)
     batch = _prepare(model, batch)
     terms = prediction_terms(model, batch, base, delta, order=order, estimator=estimator,
-                             microbatch_size=microbatch_size)
+                             microbatch_size=microbatch_size, precision=resolve_precision(precision, model))
     return summarize_prediction(terms, normalize)

@@ -119,6 +119,22 @@ def measured_shift(weights: Tensor, integrand: Tensor, integrand_origin: Tensor,
     return ShiftTerms(float(_ratio(sums)), float(delta(sums)), jackknife_se(columns, group, delta), ess)
 
 
+def rounding_floor(integrand: Tensor, norm: Tensor, log_prob_error: Tensor, integrand_error: Tensor) -> float:
+    """Estimated rounding error of a measured ΔH, from the rounding errors e_S,i and e_f,i of
+    S_i and f_i at one point (estimated by re-running that pass in another precision).
+
+    To first order an error at one point moves Ĥ by Σ_i r_i with
+    r_i = [e_f,i + (f_i − Ĥ c_i) e_S,i] / C. ΔH differences two points whose roundings are not
+    the same, so the floor bounds each point's error by Σ_i |r_i| and adds the two:
+
+        floor = 2 Σ_i |r_i| .
+    """
+    f, c = _f64(integrand), _f64(norm)
+    total = c.sum()
+    r = (_f64(integrand_error) + (f - f.sum() / total * c) * _f64(log_prob_error)) / total
+    return float(2 * r.abs().sum())
+
+
 @dataclass(frozen=True)
 class TaylorTerms:
     """g(0), g′(0), g″(0) along Δθ, with standard errors and per-sequence contributions."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Mapping
 
 import torch
@@ -77,23 +78,30 @@ def check_scales(scales) -> tuple[float, ...]:
     return scales
 
 
-def point_on_step(params: dict[str, torch.nn.Parameter], base: Mapping[str, Tensor],
-                  delta: Mapping[str, Tensor], scale: float) -> dict[str, Tensor]:
-    """θ₀ + s·Δθ for the named tensors (computed in at least float32, stored in the param dtype)."""
-    point = {n: base[n].detach() for n in base}
-    if scale == 0.0:
-        for name in delta:
-            point.setdefault(name, params[name].detach())
-        return {n: t.to(params[n].device) for n, t in point.items()}
-    for name, step in delta.items():
-        param = params[name]
-        origin = base[name] if name in base else param
+@dataclass(frozen=True)
+class StepPoint:
+    """θ = θ₀ + s·Δθ, computed one tensor at a time when a pass places it (``layerwise``).
+
+    ``dtype``: the pass's compute dtype; None keeps each parameter's own dtype (θ is formed in at
+    least float32 and rounded to it). ``scale`` may be a dual or functorch-wrapped scalar, so
+    that derivative passes differentiate along the step in s without a copy of the parameters.
+    Parameters named in neither ``base`` nor ``delta`` keep the model's current values.
+    """
+
+    base: Mapping[str, Tensor]
+    delta: Mapping[str, Tensor]
+    scale: float | Tensor
+    dtype: torch.dtype | None = None
+
+    def __call__(self, name: str, param: torch.nn.Parameter) -> Tensor:
+        origin = self.base.get(name, param).detach()
+        step = self.delta.get(name)
+        moves = step is not None and not (isinstance(self.scale, float) and self.scale == 0.0)
+        if self.dtype is not None:
+            value = origin.to(param.device, self.dtype)
+            return value + self.scale * step.detach().to(param.device, self.dtype) if moves else value
+        if not moves:
+            return origin.to(param.device)
         wide = torch.promote_types(param.dtype, torch.float32)
-        value = origin.detach().to(device=param.device, dtype=wide) + scale * step.detach().to(param.device, wide)
-        point[name] = value.to(param.dtype)
-    return {n: t.to(params[n].device) for n, t in point.items()}
-
-
-def tangent(params: dict[str, torch.nn.Parameter], delta: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Δθ on each parameter's device and in its dtype (forward AD needs primal and tangent alike)."""
-    return {n: d.detach().to(device=params[n].device, dtype=params[n].dtype) for n, d in delta.items()}
+        value = origin.to(param.device, wide) + self.scale * step.detach().to(param.device, wide)
+        return value.to(param.dtype)

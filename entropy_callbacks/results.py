@@ -54,3 +54,4 @@ class Measurement:
     outside_support: list[float]  # mean θ-side mass outside θ₀'s support per response token
     scales: tuple[float, ...]
     entropy_before_se: float = float("nan")
+    delta_floor: float = float("nan")  # estimated rounding error of each delta (docs/method.md, Precision)

@@ -5,8 +5,9 @@ For every sequence i of a (micro)batch this computes, at the θ given by a param
     S_i(θ) = Σ_k log q_θ(y_ik)              (sum over counted response tokens)
     f_i(θ) = Σ_k H(q_θ,ik)  ("rb")  or  −S_i(θ)  ("naive")
 
-in float64, and their first (and second) directional derivatives along Δθ by forward-mode AD
-(``torch.func.jvp``, nested for order 2). Nothing here touches the model's own parameters.
+in float64, and their first (and second) derivatives in s along θ₀ + sΔθ by forward-mode AD
+(dual tensors for order 1, nested ``torch.func.jvp`` for order 2). Parameters are placed layer
+by layer in the pass's compute dtype (``layerwise``); the model's own are never touched.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ from typing import Mapping
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
-from torch.func import functional_call, jvp
+from torch.func import jvp
 
 from .distribution import entropy, mass_outside, sampling_log_probs
 from .forward_mode import forward_ad_ready, math_attention
+from .layerwise import parameters_at
 from .model_guard import forward_kwargs
+from .params import StepPoint
 from .sampling import ProbeBatch
 
 
@@ -47,26 +50,31 @@ class SequenceDerivatives:
     d2_integrand: Tensor | None = None
 
 
-def _logits(model: torch.nn.Module, batch: ProbeBatch, params: Mapping[str, Tensor]) -> Tensor:
+def _logits(model: torch.nn.Module, batch: ProbeBatch, point: StepPoint) -> Tensor:
     """Logits predicting every response column: [n, M, V] for columns P..L-1."""
     width = batch.prompt_length
     steps = batch.input_ids.shape[1] - width
     position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
     kwargs = forward_kwargs(model, batch.input_ids, batch.attention_mask, position_ids, keep_last=steps + 1)
-    logits = functional_call(model, dict(params), (), {**kwargs, "use_cache": False}).logits
+    with parameters_at(model, point):
+        logits = model(**kwargs, use_cache=False).logits
     # Either the last steps+1 positions (logits_to_keep) or all of them: align on the end.
     return logits[:, -(steps + 1):-1]
 
 
-def _token_terms(model, batch: ProbeBatch, params: Mapping[str, Tensor], estimator: str, *,
+def _token_terms(model, batch: ProbeBatch, point: StepPoint, estimator: str, *,
                  at_origin: bool, reference_support: Tensor | None = None, keep_support: bool = False):
     """Per-sequence S and f (and the support/outside-mass extras of a value pass)."""
     targets = batch.input_ids[:, batch.prompt_length:]
     counted = batch.response_mask[:, batch.prompt_length:]
     # At θ₀ the sampled token is in the support by construction; forcing it in guards against
     # a tie at the top-k/top-p boundary resolved differently by the sampler's numerics.
-    log_q, support = sampling_log_probs(_logits(model, batch, params), batch.config,
-                                        force=targets if at_origin else None)
+    logits = _logits(model, batch, point)
+    if point.dtype is not None:
+        # The vocabulary side (log-softmax, entropy) in float64: in float32 its rounding is most
+        # of a float32 pass's error, at a small share of its cost (docs/method.md, Precision).
+        logits = logits.to(torch.float64)
+    log_q, support = sampling_log_probs(logits, batch.config, force=targets if at_origin else None)
     token_log_prob = log_q.gather(-1, targets[..., None]).squeeze(-1)
     log_prob = token_log_prob.masked_fill(~counted, 0.0).double().sum(-1)
     if estimator == "rb":
@@ -79,52 +87,42 @@ def _token_terms(model, batch: ProbeBatch, params: Mapping[str, Tensor], estimat
     return log_prob, integrand, outside, (support if keep_support else None)
 
 
-def _all_params(model: torch.nn.Module, overrides: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    # Every parameter passed explicitly and detached: no autograd graph reaches the model's own.
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    params.update(overrides)
-    return params
-
-
 @torch.no_grad()
-def score_values(model, batch: ProbeBatch, point: Mapping[str, Tensor], estimator: str, *,
+def score_values(model, batch: ProbeBatch, point: StepPoint, estimator: str, *,
                  at_origin: bool, reference_support: Tensor | None = None,
                  keep_support: bool = False) -> SequenceValues:
-    """A plain forward at θ = ``point`` (names not in it: the model's current values)."""
+    """A plain forward at θ = ``point``."""
     with math_attention(model):
         log_prob, integrand, outside, support = _token_terms(
-            model, batch, _all_params(model, point), estimator, at_origin=at_origin,
+            model, batch, point, estimator, at_origin=at_origin,
             reference_support=reference_support, keep_support=keep_support)
     return SequenceValues(log_prob, integrand, outside, support)
 
 
-def score_derivatives(model, batch: ProbeBatch, origin: Mapping[str, Tensor], direction: Mapping[str, Tensor],
-                      estimator: str, order: int) -> SequenceDerivatives:
-    """S, f at θ₀ and their first (order 1) or first and second (order 2) derivatives along Δθ.
+def score_derivatives(model, batch: ProbeBatch, base: Mapping[str, Tensor], delta: Mapping[str, Tensor],
+                      dtype: torch.dtype | None, estimator: str, order: int) -> SequenceDerivatives:
+    """S, f at θ₀ and their first (order 1) or first and second (order 2) derivatives in s of
+    θ₀ + sΔθ at s = 0 — the directional derivatives along Δθ — computed in ``dtype``."""
+    zero = torch.zeros((), dtype=torch.float64)
+    one = torch.ones((), dtype=torch.float64)
 
-    ``origin`` holds θ₀ for every name in ``direction`` (Δθ), and may fix other parameters too
-    (names not in it: the model's current values); all in the parameters' dtypes.
-    """
-    fixed = _all_params(model, {n: t for n, t in origin.items() if n not in direction})
-    primal = {n: origin[n] for n in direction}
-
-    def terms(moving: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        log_prob, integrand, _, _ = _token_terms(model, batch, {**fixed, **moving}, estimator, at_origin=True)
+    def terms(scale: Tensor) -> tuple[Tensor, Tensor]:
+        log_prob, integrand, _, _ = _token_terms(model, batch, StepPoint(base, delta, scale, dtype), estimator,
+                                                 at_origin=True)
         return log_prob, integrand
 
     with forward_ad_ready(model, order):
         if order == 1:
             # Plain dual tensors: a few percent cheaper than torch.func.jvp (fewer matmuls).
             with fwAD.dual_level():
-                dual = {n: fwAD.make_dual(primal[n], direction[n]) for n in direction}
-                log_prob, integrand = (fwAD.unpack_dual(t) for t in terms(dual))
+                log_prob, integrand = (fwAD.unpack_dual(t) for t in terms(fwAD.make_dual(zero, one)))
             return SequenceDerivatives(log_prob.primal, integrand.primal, log_prob.tangent, integrand.tangent)
 
-        def with_first(moving: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-            values, firsts = jvp(terms, (moving,), (dict(direction),))
+        def with_first(scale: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+            values, firsts = jvp(terms, (scale,), (one,))
             return (*values, *firsts)
 
-        values, tangents = jvp(with_first, (primal,), (dict(direction),))
+        values, tangents = jvp(with_first, (zero,), (one,))
     log_prob, integrand, d_log_prob, d_integrand = (v.detach() for v in values)
     return SequenceDerivatives(log_prob, integrand, d_log_prob, d_integrand,
                                tangents[2].detach(), tangents[3].detach())

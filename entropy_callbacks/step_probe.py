@@ -20,6 +20,7 @@ import torch
 from .engine import (check_options, check_order, concat_terms, measurement_terms, prediction_terms,
                      summarize_measurement, summarize_prediction)
 from .params import check_scales
+from .precision import Precision, check_precision, resolve_precision
 from .sampling import ProbeBatch, SamplingConfig, sample_batch
 from .step import is_skipped, snapshot, step_delta, step_norm
 
@@ -38,6 +39,7 @@ class ProbeOptions:
     microbatch_size: int | None = 64
     seed: int = 0
     snapshot_device: Literal["auto", "cpu"] = "auto"
+    precision: Precision = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.sampling, SamplingConfig):
@@ -53,6 +55,7 @@ class ProbeOptions:
         object.__setattr__(self, "scales", (1.0,) + tuple(s for s in scales if s != 1.0))
         if self.snapshot_device not in ("auto", "cpu"):
             raise ValueError(f"snapshot_device must be 'auto' or 'cpu', got {self.snapshot_device!r}")
+        check_precision(self.precision)
 
 
 @dataclass
@@ -65,6 +68,7 @@ class ProbeRecord:
     entropy_before_se: float = math.nan
     delta_measured: float = math.nan
     delta_measured_se: float = math.nan
+    delta_measured_floor: float = math.nan
     delta_linear: float = math.nan
     delta_linear_se: float = math.nan
     curvature: float | None = None
@@ -94,6 +98,7 @@ class ProbeRecord:
             "entropy/before_se": self.entropy_before_se,
             "entropy/delta_measured": self.delta_measured,
             "entropy/delta_measured_se": self.delta_measured_se,
+            "entropy/delta_measured_floor": self.delta_measured_floor,
             "entropy/delta_measured_lower": self.delta_measured - 2 * self.delta_measured_se,
             "entropy/delta_measured_upper": self.delta_measured + 2 * self.delta_measured_se,
             "entropy/delta_linear": self.delta_linear,
@@ -192,10 +197,12 @@ class StepProbe:
         if is_skipped(delta):
             local.skipped = True
             return local
-        kwargs = dict(estimator=o.estimator, microbatch_size=o.microbatch_size)
+        kwargs = dict(estimator=o.estimator, microbatch_size=o.microbatch_size,
+                      precision=resolve_precision(o.precision, model))
         base = pending.before  # moved to each parameter's device where used
         local.prediction = prediction_terms(model, pending.batch, base, delta, order=o.order, **kwargs)
-        # The prediction's primal values at θ₀ stand in for the measurement's θ₀ pass.
+        # The prediction's primal values at θ₀ stand in for the measurement's θ₀ pass (same
+        # precision) or for its partner pass (another precision).
         local.measurement = measurement_terms(model, pending.batch, base, delta, scales=o.scales,
                                               origin=local.prediction, **kwargs)
         local.seconds += time.perf_counter() - started
@@ -225,6 +232,7 @@ class StepProbe:
             entropy_before_se=measured.entropy_before_se,
             delta_measured=measured.delta[0],
             delta_measured_se=measured.delta_se[0],
+            delta_measured_floor=measured.delta_floor,
             delta_linear=predicted.linear,
             delta_linear_se=predicted.linear_se,
             curvature=predicted.curvature,
