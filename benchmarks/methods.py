@@ -66,7 +66,8 @@ from entropy_callbacks import estimators  # noqa: E402
 from entropy_callbacks.engine import measurement_terms, summarize_measurement  # noqa: E402
 from entropy_callbacks.forward_mode import math_attention  # noqa: E402
 from entropy_callbacks.model_guard import probe_mode  # noqa: E402
-from entropy_callbacks.scoring import _all_params, _token_terms, score_derivatives  # noqa: E402
+from entropy_callbacks.precision import PassPrecision  # noqa: E402
+from entropy_callbacks.scoring import _token_terms, score_derivatives  # noqa: E402
 
 SPEED_TARGET = 1.5  # ours within this factor of the cheapest method's time
 ACCURATE = 10.0  # context line: methods within this factor of our error count as comparable
@@ -236,14 +237,17 @@ class Row(NamedTuple):
 
 
 def ours(model, batch, base, delta, order: int) -> Estimates:
-    prediction = predict_delta_h(model, batch, base, delta, order=order, normalize=NORMALIZE, estimator=ESTIMATOR)
+    prediction = predict_delta_h(model, batch, base, delta, order=order, normalize=NORMALIZE, estimator=ESTIMATOR,
+                                 precision="model")
     return prediction.linear, prediction.curvature
 
 
 def shifts(model, batch, base, delta, scales) -> dict[float, float]:
     """D(s) = g(s) − g(0) for every s in ``scales`` (either sign) from one θ₀ pass plus one pass per
     scale: the passes and the float64 math of ``measure_delta_h``, which itself takes s > 0 only."""
-    terms = measurement_terms(model, batch, base, delta, scales=scales, estimator=ESTIMATOR, microbatch_size=None)
+    # Every method here computes in the model's own dtype (precision "model"): float32, or float64 on the copy.
+    terms = measurement_terms(model, batch, base, delta, scales=scales, estimator=ESTIMATOR, microbatch_size=None,
+                              precision=PassPrecision(None, None))
     measurement = summarize_measurement(terms, scales, NORMALIZE, warn=False)
     return dict(zip(scales, measurement.delta))
 
@@ -268,6 +272,18 @@ def seven_point(model, batch, base, delta, hs) -> dict[float, Estimates]:
     return out
 
 
+class Leaves:
+    """A ``layerwise`` value_of that places differentiable leaves (the model's values elsewhere)."""
+
+    dtype = None
+
+    def __init__(self, leaves: dict[str, torch.Tensor]):
+        self.leaves = leaves
+
+    def __call__(self, name: str, param: torch.nn.Parameter) -> torch.Tensor:
+        return self.leaves.get(name, param.detach())
+
+
 class Reverse:
     """g′ = ∇Ĥ(θ₀)·Δθ and g″ = Δθ·∇(∇Ĥ·Δθ), Ĥ a differentiable function of the parameters."""
 
@@ -277,8 +293,7 @@ class Reverse:
         self.norm = estimators.normaliser(batch.response_lengths, NORMALIZE).to(next(model.parameters()).device)
 
     def _value(self, leaves: dict[str, torch.Tensor]) -> torch.Tensor:
-        params = _all_params(self.model, leaves)
-        log_prob, integrand, _, _ = _token_terms(self.model, self.batch, params, ESTIMATOR, at_origin=True)
+        log_prob, integrand, _, _ = _token_terms(self.model, self.batch, Leaves(leaves), ESTIMATOR, at_origin=True)
         weight = torch.exp(log_prob - log_prob.detach())  # 1 at θ₀; its gradient is w·∇S
         return (weight * integrand).sum() / (weight * self.norm).sum()
 
@@ -320,7 +335,7 @@ class PerSequence:
 
     def __call__(self, order: int) -> Estimates:
         with probe_mode(self.model):
-            parts = [score_derivatives(self.model, row, self.base, self.delta, ESTIMATOR, order)
+            parts = [score_derivatives(self.model, row, self.base, self.delta, None, ESTIMATOR, order)
                      for row in self.rows]
 
         def cat(name: str):

@@ -89,6 +89,10 @@ class EntropyProbe(Callback):
         tokenizer: attribute path of the tokenizer, needed for string prompts and samples.
         seed: E at step t is drawn with a seed derived from (seed, t).
         snapshot_device: where θ₀ is kept: "auto" (the parameters' device) or "cpu".
+        precision: compute dtype of the probe's passes. "auto" (default) measures in float64 on
+            the CPU and on GPUs with full-rate FP64 (float32 elsewhere) and differentiates in
+            float32; "float64", "float32" or "model" (the model's own dtypes, cheapest, exact
+            only for float64 models). See docs/method.md, Precision, for what each costs.
         on_error: "warn" (count and continue) or "raise".
         log_samples: how many decoded responses of E to log as TensorBoard text.
         jsonl: write every probe to ``entropy_probe.jsonl`` in the logger's directory.
@@ -110,6 +114,7 @@ class EntropyProbe(Callback):
         tokenizer: str | None = None,
         seed: int = 0,
         snapshot_device: Literal["auto", "cpu"] = "auto",
+        precision: Literal["auto", "float64", "float32", "model"] = "auto",
         on_error: Literal["warn", "raise"] = "warn",
         log_samples: int = 4,
         jsonl: bool = True,
@@ -119,7 +124,7 @@ class EntropyProbe(Callback):
         self.options = ProbeOptions(
             sampling=sampling, every_n_steps=every_n_steps, responses_per_prompt=responses_per_prompt,
             order=order, scales=tuple(scales), normalize=normalize, estimator=estimator,
-            microbatch_size=microbatch_size, seed=seed, snapshot_device=snapshot_device)
+            microbatch_size=microbatch_size, seed=seed, snapshot_device=snapshot_device, precision=precision)
         if on_error not in ("warn", "raise"):
             raise ValueError(f"on_error must be 'warn' or 'raise', got {on_error!r}")
         if log_samples < 0:

@@ -110,6 +110,17 @@ def _cpu(x: Tensor | None) -> Tensor | None:
     return None if x is None else x.detach().to("cpu", torch.float64)
 
 
+def _check_finite_origin(log_prob: Tensor, integrand: Tensor, model, dtype: torch.dtype | None) -> None:
+    """At θ₀ every sampled sequence has a finite log-probability and entropy; a pass that says
+    otherwise overflowed (float16 does on GPT-2) and would poison every estimate with NaN."""
+    bad = ~(torch.isfinite(log_prob) & torch.isfinite(integrand))
+    if bool(bad.any()):
+        rounds_in = effective_dtype(dtype, model)
+        raise ValueError(f"the probe's {rounds_in} pass gave non-finite log-probabilities or entropies at θ₀ for "
+                         f"{int(bad.sum())} of {bad.numel()} sequences (overflow); use precision='auto' or "
+                         "'float32' instead of computing in the model's own dtype")
+
+
 def concat_terms(parts: Sequence):
     """Concatenate MeasurementTerms or PredictionTerms (e.g. gathered from DDP ranks), rows
     stably sorted by prompt index so the result matches a single process over all prompts."""
@@ -171,7 +182,7 @@ def measurement_terms(model, batch: ProbeBatch, base: Mapping[str, Tensor], delt
                           for mb in batch.microbatches(microbatch_size)]
     zeros = torch.zeros(len(batch), dtype=torch.float64)
     unit = unit_roundoff(rounds_in)
-    return MeasurementTerms(
+    terms = MeasurementTerms(
         group=batch.group.cpu(),
         token_counts=_cpu(batch.response_lengths),
         log_prob_origin=origin.log_prob if reuse else _cpu(torch.cat([v.log_prob for v in at_origin])),
@@ -187,6 +198,8 @@ def measurement_terms(model, batch: ProbeBatch, base: Mapping[str, Tensor], delt
         # value passes' error; a higher-precision partner's difference is that error itself.
         roundoff_ratio=min(1.0, unit / partner_roundoff),
     )
+    _check_finite_origin(terms.log_prob_origin, terms.integrand_origin, model, dtype)
+    return terms
 
 
 def summarize_measurement(terms: MeasurementTerms, scales: Sequence[float], normalize: str,
@@ -260,9 +273,11 @@ def prediction_terms(model, batch: ProbeBatch, base: Mapping[str, Tensor], delta
         parts = [score_derivatives(model, mb, base, delta, dtype, estimator, order)
                  for mb in batch.microbatches(microbatch_size)]
     cat = lambda name: None if getattr(parts[0], name) is None else _cpu(torch.cat([getattr(p, name) for p in parts]))  # noqa: E731
-    return PredictionTerms(batch.group.cpu(), _cpu(batch.response_lengths), cat("log_prob"), cat("integrand"),
-                           cat("d_log_prob"), cat("d_integrand"), cat("d2_log_prob"), cat("d2_integrand"),
-                           roundoff=unit_roundoff(effective_dtype(dtype, model)))
+    terms = PredictionTerms(batch.group.cpu(), _cpu(batch.response_lengths), cat("log_prob"), cat("integrand"),
+                            cat("d_log_prob"), cat("d_integrand"), cat("d2_log_prob"), cat("d2_integrand"),
+                            roundoff=unit_roundoff(effective_dtype(dtype, model)))
+    _check_finite_origin(terms.log_prob, terms.integrand, model, dtype)
+    return terms
 
 
 def summarize_prediction(terms: PredictionTerms, normalize: str) -> Prediction:

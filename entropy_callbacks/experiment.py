@@ -44,7 +44,7 @@ class ProbeExperiment:
         trials: number of one-step trials (K).
         scales: step scales of the sweep.
         responses_per_prompt: R.
-        order, normalize, estimator, microbatch_size: as for EntropyProbe.
+        order, normalize, estimator, microbatch_size, precision: as for EntropyProbe.
         seed: E and the trials' update batches derive from it.
         output_root: a timestamped directory is made under it.
     """
@@ -58,6 +58,7 @@ class ProbeExperiment:
     normalize: Literal["token", "sequence"] = "token"
     estimator: Literal["rb", "naive"] = "rb"
     microbatch_size: int | None = 64
+    precision: Literal["auto", "float64", "float32", "model"] = "auto"
     seed: int = 0
     output_root: str = "runs/probe"
 
@@ -67,7 +68,7 @@ class ProbeExperiment:
         # Reuse the callback's validation of the shared options.
         ProbeOptions(sampling=self.sampling, responses_per_prompt=self.responses_per_prompt, order=self.order,
                      scales=tuple(self.scales), normalize=self.normalize, estimator=self.estimator,
-                     microbatch_size=self.microbatch_size, seed=self.seed)
+                     microbatch_size=self.microbatch_size, seed=self.seed, precision=self.precision)
 
 
 def trial_seed(seed: int, trial: int) -> int:
@@ -120,7 +121,7 @@ def run_trial(module, policy, optimizer, batch_e, experiment: ProbeExperiment, t
     optimizer.step()
     delta = step_delta(policy, before)
     kwargs = dict(normalize=experiment.normalize, estimator=experiment.estimator,
-                  microbatch_size=experiment.microbatch_size)
+                  microbatch_size=experiment.microbatch_size, precision=experiment.precision)
     prediction = predict_delta_h(policy, batch_e, before, delta, order=experiment.order, **kwargs)
     measurement = measure_delta_h(policy, batch_e, before, delta, scales=experiment.scales, **kwargs)
     per_scale = []
@@ -128,6 +129,7 @@ def run_trial(module, policy, optimizer, batch_e, experiment: ProbeExperiment, t
         linear, quadratic = prediction.at_scale(scale)
         per_scale.append({
             "scale": scale, "measured": measurement.delta[k], "measured_se": measurement.delta_se[k],
+            "measured_floor": measurement.delta_floor,
             "linear": linear, "quadratic": quadratic,
             "linear_relative_error": _relative_error(linear, measurement.delta[k]),
             "quadratic_relative_error": _relative_error(quadratic, measurement.delta[k]),
