@@ -576,8 +576,10 @@ def test_tensorboard_event_file_and_jsonl(tmp_path):
         (dict(scales=[1.0, 0.0]), r"scales must be finite and > 0, got \[0.0\]"),
         (dict(scales=[-2.0]), r"scales must be finite and > 0, got \[-2.0\]"),
         (dict(prompts=[]), r"prompts is empty; pass at least one"),
+        (dict(precision="bf16"), r"precision must be one of 'auto', 'float64', 'float32', 'model', got 'bf16'"),
     ],
-    ids=["every_n_steps=0", "every_n_steps<0", "order=3", "order=0", "scale=0", "scale<0", "no-prompts"],
+    ids=["every_n_steps=0", "every_n_steps<0", "order=3", "order=0", "scale=0", "scale<0", "no-prompts",
+         "precision"],
 )
 def test_bad_options_fail_at_construction(options, match):
     with pytest.raises(ValueError, match=match):
