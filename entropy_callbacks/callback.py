@@ -89,10 +89,10 @@ class EntropyProbe(Callback):
         tokenizer: attribute path of the tokenizer, needed for string prompts and samples.
         seed: E at step t is drawn with a seed derived from (seed, t).
         snapshot_device: where θ₀ is kept: "auto" (the parameters' device) or "cpu".
-        precision: compute dtype of the probe's passes. "auto" (default) measures in float64 on
-            the CPU and on GPUs with full-rate FP64 (float32 elsewhere) and differentiates in
-            float32; "float64", "float32" or "model" (the model's own dtypes, cheapest, exact
-            only for float64 models). See docs/method.md, Precision, for what each costs.
+        precision: compute dtype of the probe's passes. "auto" (default) measures in float64
+            and differentiates in float32, so the measured ΔH is the step and not rounding at
+            any learning rate; "float64", "float32" or "model" (the model's own dtypes: cheapest,
+            exact only for float64 models). docs/method.md, Precision, gives what each costs.
         on_error: "warn" (count and continue) or "raise".
         log_samples: how many decoded responses of E to log as TensorBoard text.
         jsonl: write every probe to ``entropy_probe.jsonl`` in the logger's directory.

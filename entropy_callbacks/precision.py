@@ -8,9 +8,10 @@ have no such cancellation: float32 (or the model's float64) is enough for them.
 
 Policies (``precision=``):
 
-- ``"auto"`` (default): value passes in float64 on the CPU and on GPUs with full-rate FP64
-  (A100, H100, H200, B200), else in float32; derivative passes in float32 (float64 for a
-  float64 model).
+- ``"auto"`` (default): value passes in float64 (float32 on backends without float64, such as
+  mps); derivative passes in float32 (float64 for a float64 model). On GPUs with full-rate FP64
+  (A100, H100, H200, B200) a float64 pass costs about what an exact float32 one does; on others
+  it is 16-64× slower, and "float32" is the cheaper, less exact choice.
 - ``"float64"``: every pass in float64.
 - ``"float32"``: every pass in float32.
 - ``"model"``: the model's own dtypes (the cheapest; exact only for float64 models).
@@ -31,10 +32,6 @@ from .model_guard import hf_model
 
 Precision = Literal["auto", "float64", "float32", "model"]
 PRECISIONS = ("auto", "float64", "float32", "model")
-
-# CUDA compute capabilities with FP64 at half the FP32 rate (A100, H100/H200, B200): there a
-# float64 pass costs about what an exact float32 one does. Elsewhere FP64 runs at 1/32-1/64.
-_FULL_RATE_FP64 = {(8, 0), (9, 0), (10, 0)}
 
 
 def check_precision(precision: str) -> None:
@@ -57,12 +54,8 @@ def _widest_float(model: torch.nn.Module) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-def _fast_float64(device: torch.device) -> bool:
-    if device.type == "cpu":
-        return True
-    if device.type == "cuda":
-        return torch.cuda.get_device_capability(device) in _FULL_RATE_FP64
-    return False  # mps has no float64; other backends: assume slow
+def _has_float64(device: torch.device) -> bool:
+    return device.type in ("cpu", "cuda", "xpu")  # mps has none
 
 
 def resolve_precision(precision: str, model: torch.nn.Module) -> PassPrecision:
@@ -74,7 +67,7 @@ def resolve_precision(precision: str, model: torch.nn.Module) -> PassPrecision:
         dtype = getattr(torch, precision)
         return PassPrecision(dtype, dtype)
     device = next(model.parameters()).device
-    values = torch.float64 if _fast_float64(device) else torch.float32
+    values = torch.float64 if _has_float64(device) else torch.float32
     return PassPrecision(values, _widest_float(model))
 
 

@@ -63,16 +63,15 @@ def _logits(model: torch.nn.Module, batch: ProbeBatch, point: StepPoint) -> Tens
 
 
 def _token_terms(model, batch: ProbeBatch, point: StepPoint, estimator: str, *,
-                 at_origin: bool, reference_support: Tensor | None = None, keep_support: bool = False):
+                 at_origin: bool, reference_support: Tensor | None = None, keep_support: bool = False,
+                 vocab_float64: bool = False):
     """Per-sequence S and f (and the support/outside-mass extras of a value pass)."""
     targets = batch.input_ids[:, batch.prompt_length:]
     counted = batch.response_mask[:, batch.prompt_length:]
     # At θ₀ the sampled token is in the support by construction; forcing it in guards against
     # a tie at the top-k/top-p boundary resolved differently by the sampler's numerics.
     logits = _logits(model, batch, point)
-    if point.dtype is not None:
-        # The vocabulary side (log-softmax, entropy) in float64: in float32 its rounding is most
-        # of a float32 pass's error, at a small share of its cost (docs/method.md, Precision).
+    if vocab_float64:
         logits = logits.to(torch.float64)
     log_q, support = sampling_log_probs(logits, batch.config, force=targets if at_origin else None)
     token_log_prob = log_q.gather(-1, targets[..., None]).squeeze(-1)
@@ -91,24 +90,30 @@ def _token_terms(model, batch: ProbeBatch, point: StepPoint, estimator: str, *,
 def score_values(model, batch: ProbeBatch, point: StepPoint, estimator: str, *,
                  at_origin: bool, reference_support: Tensor | None = None,
                  keep_support: bool = False) -> SequenceValues:
-    """A plain forward at θ = ``point``."""
+    """A plain forward at θ = ``point``.
+
+    Under a precision policy (``point.dtype`` set) the vocabulary side — log-softmax, entropy —
+    runs in float64: in float32 its rounding was most of a float32 value pass's error (on Qwen2,
+    f_i off by 2e-6 against 7e-9 from the network), at a small share of its cost. Derivative
+    passes need no such care: they difference nothing.
+    """
     with math_attention(model):
         log_prob, integrand, outside, support = _token_terms(
             model, batch, point, estimator, at_origin=at_origin,
-            reference_support=reference_support, keep_support=keep_support)
+            reference_support=reference_support, keep_support=keep_support, vocab_float64=point.dtype is not None)
     return SequenceValues(log_prob, integrand, outside, support)
 
 
 def score_derivatives(model, batch: ProbeBatch, base: Mapping[str, Tensor], delta: Mapping[str, Tensor],
-                      dtype: torch.dtype | None, estimator: str, order: int) -> SequenceDerivatives:
-    """S, f at θ₀ and their first (order 1) or first and second (order 2) derivatives in s of
-    θ₀ + sΔθ at s = 0 — the directional derivatives along Δθ — computed in ``dtype``."""
-    zero = torch.zeros((), dtype=torch.float64)
+                      dtype: torch.dtype | None, estimator: str, order: int, at: float = 0.0) -> SequenceDerivatives:
+    """S, f at θ₀ + at·Δθ and their first (order 1) or first and second (order 2) derivatives
+    in s of θ₀ + sΔθ there — the directional derivatives along Δθ — computed in ``dtype``."""
+    zero = torch.tensor(at, dtype=torch.float64)
     one = torch.ones((), dtype=torch.float64)
 
     def terms(scale: Tensor) -> tuple[Tensor, Tensor]:
         log_prob, integrand, _, _ = _token_terms(model, batch, StepPoint(base, delta, scale, dtype), estimator,
-                                                 at_origin=True)
+                                                 at_origin=at == 0.0)
         return log_prob, integrand
 
     with forward_ad_ready(model, order):
