@@ -67,6 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--nodes", type=int, nargs="*", default=[2, 3], help="Gauss-Legendre nodes of design (b)")
     p.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=SETTINGS)
+    p.add_argument("--lrs", type=float, nargs="*", default=list(LRS))
     p.add_argument("--tf32", default="off", choices=("off", "on", "both"),
                    help="torch.set_float32_matmul_precision('high') outside the probe, as Lightning advises on GPUs")
     add_run_arguments(p, dtype=False)
@@ -83,7 +84,8 @@ def build(setting: str, args) -> torch.nn.Module:
                          num_key_value_heads=max(1, args.heads // 2), max_position_embeddings=256,
                          bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
     torch.manual_seed(args.seed)
-    model = AutoModelForCausalLM.from_config(config).to(args.device).eval()
+    with torch.device(args.device):  # initialise where it runs (a 1.5B model takes a minute on a CPU)
+        model = AutoModelForCausalLM.from_config(config).eval()
     if setting == "bf16+LoRA":
         from peft import LoraConfig, get_peft_model
 
@@ -179,7 +181,7 @@ def main(argv=None) -> int:
                 model(**kwargs, use_cache=False)
 
         forward()
-        for lr in LRS:
+        for lr in args.lrs:
             base, delta = sign_step(model, lr, args.seed)
             entropy, truth, linear_truth = reference(model, batch, base, delta)
             for tf32 in tf32_modes:

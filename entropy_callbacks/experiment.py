@@ -45,6 +45,8 @@ class ProbeExperiment:
         scales: step scales of the sweep.
         responses_per_prompt: R.
         order, normalize, estimator, microbatch_size, precision: as for EntropyProbe.
+        lr: the learning rate of every trial's step (None: the optimizer's, as checkpointed).
+            Probing one state at lr 1e-6…1e-4 shows what a realistic step does to entropy.
         seed: E and the trials' update batches derive from it.
         output_root: a timestamped directory is made under it.
     """
@@ -59,12 +61,15 @@ class ProbeExperiment:
     estimator: Literal["rb", "naive"] = "rb"
     microbatch_size: int | None = 64
     precision: Literal["auto", "float64", "float32", "model"] = "auto"
+    lr: float | None = None
     seed: int = 0
     output_root: str = "runs/probe"
 
     def __post_init__(self) -> None:
         if self.trials < 1:
             raise ValueError(f"experiment.trials must be >= 1, got {self.trials}")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"experiment.lr must be a positive number or null, got {self.lr!r}")
         # Reuse the callback's validation of the shared options.
         ProbeOptions(sampling=self.sampling, responses_per_prompt=self.responses_per_prompt, order=self.order,
                      scales=tuple(self.scales), normalize=self.normalize, estimator=self.estimator,
@@ -258,6 +263,9 @@ def run_experiment(module, experiment: ProbeExperiment, ckpt_path: str | None = 
     policy = resolve_policy(module, None)
     optimizer = _optimizer(module)
     load_training_state(module, optimizer, ckpt_path)
+    if experiment.lr is not None:
+        for group in optimizer.param_groups:
+            group["lr"] = experiment.lr
     tokenizer = getattr(module, "tokenizer", None)
     if experiment.prompts is None:
         held_out = getattr(module, "held_out_items", None)

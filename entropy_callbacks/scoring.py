@@ -108,8 +108,9 @@ def score_derivatives(model, batch: ProbeBatch, base: Mapping[str, Tensor], delt
                       dtype: torch.dtype | None, estimator: str, order: int, at: float = 0.0) -> SequenceDerivatives:
     """S, f at θ₀ + at·Δθ and their first (order 1) or first and second (order 2) derivatives
     in s of θ₀ + sΔθ there — the directional derivatives along Δθ — computed in ``dtype``."""
-    zero = torch.tensor(at, dtype=torch.float64)
-    one = torch.ones((), dtype=torch.float64)
+    device = batch.input_ids.device
+    zero = torch.tensor(at, dtype=torch.float64, device=device)
+    one = torch.ones((), dtype=torch.float64, device=device)
 
     def terms(scale: Tensor) -> tuple[Tensor, Tensor]:
         log_prob, integrand, _, _ = _token_terms(model, batch, StepPoint(base, delta, scale, dtype), estimator,
