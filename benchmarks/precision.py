@@ -81,7 +81,7 @@ def build(setting: str, args) -> torch.nn.Module:
 
     config = Qwen2Config(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
                          num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                         num_key_value_heads=max(1, args.heads // 2), max_position_embeddings=256,
+                         num_key_value_heads=max(1, args.heads // 2), max_position_embeddings=args.tokens + 64,
                          bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
     torch.manual_seed(args.seed)
     with torch.device(args.device):  # initialise where it runs (a 1.5B model takes a minute on a CPU)

@@ -83,20 +83,19 @@ class StepPoint:
     """θ = θ₀ + s·Δθ, computed one tensor at a time when a pass places it (``layerwise``).
 
     ``dtype``: the pass's compute dtype; None keeps each parameter's own dtype (θ is formed in at
-    least float32 and rounded to it). ``scale`` may be a dual or functorch-wrapped scalar, so
-    that derivative passes differentiate along the step in s without a copy of the parameters.
-    Parameters named in neither ``base`` nor ``delta`` keep the model's current values.
+    least float32 and rounded to it). Parameters named in neither ``base`` nor ``delta`` keep
+    the model's current values.
     """
 
     base: Mapping[str, Tensor]
     delta: Mapping[str, Tensor]
-    scale: float | Tensor
+    scale: float
     dtype: torch.dtype | None = None
 
     def __call__(self, name: str, param: torch.nn.Parameter) -> Tensor:
         origin = self.base.get(name, param).detach()
         step = self.delta.get(name)
-        moves = step is not None and not (isinstance(self.scale, float) and self.scale == 0.0)
+        moves = step is not None and self.scale != 0.0
         if self.dtype is not None:
             value = origin.to(param.device, self.dtype)
             return value + self.scale * step.detach().to(param.device, self.dtype) if moves else value

@@ -106,29 +106,46 @@ def score_values(model, batch: ProbeBatch, point: StepPoint, estimator: str, *,
 
 def score_derivatives(model, batch: ProbeBatch, base: Mapping[str, Tensor], delta: Mapping[str, Tensor],
                       dtype: torch.dtype | None, estimator: str, order: int, at: float = 0.0) -> SequenceDerivatives:
-    """S, f at θ₀ + at·Δθ and their first (order 1) or first and second (order 2) derivatives
-    in s of θ₀ + sΔθ there — the directional derivatives along Δθ — computed in ``dtype``."""
-    device = batch.input_ids.device
-    zero = torch.tensor(at, dtype=torch.float64, device=device)
-    one = torch.ones((), dtype=torch.float64, device=device)
+    """S, f at θ = θ₀ + at·Δθ and their first (order 1) or first and second (order 2)
+    directional derivatives along Δθ there, computed in ``dtype``.
 
-    def terms(scale: Tensor) -> tuple[Tensor, Tensor]:
-        log_prob, integrand, _, _ = _token_terms(model, batch, StepPoint(base, delta, scale, dtype), estimator,
-                                                 at_origin=at == 0.0)
+    The tangent Δθ enters in the compute dtype (in a parameter's own only when ``dtype`` is None). Order 1 makes
+    each moving parameter a dual tensor when its layer runs (``layerwise``); order 2 nests
+    ``torch.func.jvp`` over the moving parameters, which then exist in the compute dtype all at
+    once (a copy only where that differs from the parameter's dtype: e.g. LoRA adapters).
+    """
+    point = StepPoint(base, delta, float(at), dtype)
+    params = dict(model.named_parameters())
+
+    def terms(value_of) -> tuple[Tensor, Tensor]:
+        log_prob, integrand, _, _ = _token_terms(model, batch, value_of, estimator, at_origin=at == 0.0)
         return log_prob, integrand
+
+    def moving_or_point(moving: Mapping[str, Tensor]):
+        return lambda name, param: moving[name] if name in moving else point(name, param)
+
+    def tangent(name: str, like: Tensor) -> Tensor:
+        return delta[name].detach().to(like.device, like.dtype)
 
     with forward_ad_ready(model, order):
         if order == 1:
             # Plain dual tensors: a few percent cheaper than torch.func.jvp (fewer matmuls).
+            def dual(name: str, param: torch.nn.Parameter) -> Tensor:
+                value = point(name, param)
+                return fwAD.make_dual(value, tangent(name, value)) if name in delta else value
+
             with fwAD.dual_level():
-                log_prob, integrand = (fwAD.unpack_dual(t) for t in terms(fwAD.make_dual(zero, one)))
+                log_prob, integrand = (fwAD.unpack_dual(t) for t in terms(dual))
             return SequenceDerivatives(log_prob.primal, integrand.primal, log_prob.tangent, integrand.tangent)
 
-        def with_first(scale: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-            values, firsts = jvp(terms, (scale,), (one,))
+        primal = {n: point(n, params[n]) for n in delta}
+        direction = {n: tangent(n, primal[n]) for n in delta}
+
+        def with_first(moving: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+            values, firsts = jvp(lambda inner: terms(moving_or_point(inner)), (moving,), (direction,))
             return (*values, *firsts)
 
-        values, tangents = jvp(with_first, (zero,), (one,))
+        values, tangents = jvp(with_first, (primal,), (direction,))
     log_prob, integrand, d_log_prob, d_integrand = (v.detach() for v in values)
     return SequenceDerivatives(log_prob, integrand, d_log_prob, d_integrand,
                                tangents[2].detach(), tangents[3].detach())
