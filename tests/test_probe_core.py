@@ -1,8 +1,9 @@
 """The callback's framework-free core gives exactly what the public functions give.
 
-StepProbe reuses the prediction pass's primal values at θ₀ in place of the measurement's θ₀
-pass (they are bitwise the same computation); this checks the record against separate calls of
-predict_delta_h and measure_delta_h on the same E and the same real step.
+In the model's own dtypes StepProbe reuses the prediction pass's primal values at θ₀ in place of
+the measurement's θ₀ pass (they are bitwise the same computation); under a precision policy it
+runs its own θ₀ pass. This checks the record against separate calls of predict_delta_h and
+measure_delta_h on the same E and the same real step, for each policy.
 """
 
 import pytest
@@ -16,10 +17,11 @@ from tiny_models import EOS, PAD, tiny_model
 @pytest.mark.parametrize("sampling", [SamplingConfig(max_new_tokens=5), SamplingConfig(max_new_tokens=5, top_p=0.9)],
                          ids=["untruncated", "top-p"])
 @pytest.mark.parametrize("microbatch_size", [None, 3])
-def test_step_probe_record_equals_the_public_functions(tmp_path, sampling, microbatch_size):
+@pytest.mark.parametrize("precision", ["auto", "float32", "model"])
+def test_step_probe_record_equals_the_public_functions(tmp_path, sampling, microbatch_size, precision):
     model = tiny_model("llama", tmp_path)
     options = ProbeOptions(sampling=sampling, responses_per_prompt=3, order=2, scales=(1.0, 2.0),
-                           microbatch_size=microbatch_size)
+                           microbatch_size=microbatch_size, precision=precision)
     core = StepProbe(options, [[2, 3, 4], [2, 5], [6, 7, 8, 9]], eos_token_id=EOS, pad_token_id=PAD)
     batch = core.begin(model, step=0, lr=1e-2)
     theta0 = {n: t.clone() for n, t in core.pending.before.items()}
@@ -31,8 +33,9 @@ def test_step_probe_record_equals_the_public_functions(tmp_path, sampling, micro
     delta = {n: p.detach() - theta0[n] for n, p in model.named_parameters()}
 
     record = core.finish(model)
-    prediction = predict_delta_h(model, batch, theta0, delta, order=2, microbatch_size=microbatch_size)
-    measurement = measure_delta_h(model, batch, theta0, delta, scales=(1.0, 2.0), microbatch_size=microbatch_size)
+    kwargs = dict(microbatch_size=microbatch_size, precision=precision)
+    prediction = predict_delta_h(model, batch, theta0, delta, order=2, **kwargs)
+    measurement = measure_delta_h(model, batch, theta0, delta, scales=(1.0, 2.0), **kwargs)
     assert record.delta_linear == prediction.linear
     assert record.curvature == prediction.curvature
     assert record.delta_quadratic == prediction.quadratic
