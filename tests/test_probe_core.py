@@ -18,9 +18,10 @@ from tiny_models import EOS, PAD, tiny_model
                          ids=["untruncated", "top-p"])
 @pytest.mark.parametrize("microbatch_size", [None, 3])
 @pytest.mark.parametrize("precision", ["auto", "float32", "model"])
-def test_step_probe_record_equals_the_public_functions(tmp_path, sampling, microbatch_size, precision):
-    model = tiny_model("llama", tmp_path)
-    options = ProbeOptions(sampling=sampling, responses_per_prompt=3, order=2, scales=(1.0, 2.0),
+@pytest.mark.parametrize("order", [1, 2])
+def test_step_probe_record_equals_the_public_functions(tmp_path, sampling, microbatch_size, precision, order):
+    model = tiny_model("gpt2", tmp_path)  # LayerNorm: order 2 computes it as mean/rsqrt
+    options = ProbeOptions(sampling=sampling, responses_per_prompt=3, order=order, scales=(1.0, 2.0),
                            microbatch_size=microbatch_size, precision=precision)
     core = StepProbe(options, [[2, 3, 4], [2, 5], [6, 7, 8, 9]], eos_token_id=EOS, pad_token_id=PAD)
     batch = core.begin(model, step=0, lr=1e-2)
@@ -34,7 +35,7 @@ def test_step_probe_record_equals_the_public_functions(tmp_path, sampling, micro
 
     record = core.finish(model)
     kwargs = dict(microbatch_size=microbatch_size, precision=precision)
-    prediction = predict_delta_h(model, batch, theta0, delta, order=2, **kwargs)
+    prediction = predict_delta_h(model, batch, theta0, delta, order=order, **kwargs)
     measurement = measure_delta_h(model, batch, theta0, delta, scales=(1.0, 2.0), **kwargs)
     assert record.delta_linear == prediction.linear
     assert record.curvature == prediction.curvature
