@@ -53,8 +53,7 @@ def entropy_estimate(model, batch: ProbeBatch, *, params: Mapping[str, Tensor] |
     """Ĥ(θ₀) = Σ f_i / Σ c_i on E, with its grouped-jackknife standard error.
 
     ``params`` overrides named parameters (θ₀ = the model's values with those replaced).
-    ``precision``: the compute dtype of the pass (``precision`` module; "auto": float64 where
-    the hardware allows).
+    ``precision``: the compute dtype of the pass (``precision`` module; "auto": float64).
     """
     check_options(normalize, estimator, microbatch_size)
     check_precision(precision)
@@ -164,7 +163,7 @@ def measurement_terms(model, batch: ProbeBatch, base: Mapping[str, Tensor], delt
     partner_roundoff = unit_roundoff(partner_dtype(rounds_in)) if partner is None else partner.roundoff
     origin_point = StepPoint(base, delta, 0.0, dtype)
     partner_point = StepPoint(base, delta, 0.0, partner_dtype(rounds_in))
-    at_origin, at_partner, at_scale = [], [], [[] for _ in scales]
+    at_origin, at_scale = [], [[] for _ in scales]
     with probe_mode(model), pass_numerics(model, dtype):
         for mb in batch.microbatches(microbatch_size):
             reference = None
@@ -180,6 +179,10 @@ def measurement_terms(model, batch: ProbeBatch, base: Mapping[str, Tensor], delt
         with probe_mode(model), pass_numerics(model, partner_point.dtype):
             at_partner = [score_values(model, mb, partner_point, estimator, at_origin=True)
                           for mb in batch.microbatches(microbatch_size)]
+        partner_log_prob = _cpu(torch.cat([v.log_prob for v in at_partner]))
+        partner_integrand = _cpu(torch.cat([v.integrand for v in at_partner]))
+    else:
+        partner_log_prob, partner_integrand = partner.log_prob, partner.integrand
     zeros = torch.zeros(len(batch), dtype=torch.float64)
     unit = unit_roundoff(rounds_in)
     terms = MeasurementTerms(
@@ -191,9 +194,8 @@ def measurement_terms(model, batch: ProbeBatch, base: Mapping[str, Tensor], delt
         integrand=[_cpu(torch.cat([v.integrand for v in values])) for values in at_scale],
         outside_mass=[_cpu(torch.cat([v.outside_mass for v in values])) if truncates else zeros
                       for values in at_scale],
-        partner_log_prob=partner.log_prob if partner is not None else _cpu(torch.cat([v.log_prob for v in at_partner])),
-        partner_integrand=(partner.integrand if partner is not None
-                           else _cpu(torch.cat([v.integrand for v in at_partner]))),
+        partner_log_prob=partner_log_prob,
+        partner_integrand=partner_integrand,
         # A lower-precision partner's error, scaled by the ratio of unit roundoffs, estimates the
         # value passes' error; a higher-precision partner's difference is that error itself.
         roundoff_ratio=min(1.0, unit / partner_roundoff),
@@ -243,8 +245,8 @@ def measure_delta_h(model, batch: ProbeBatch, base: Mapping[str, Tensor], delta:
                     microbatch_size: int | None = None, precision: Precision = "auto") -> Measurement:
     """Measured ΔH(s) = Ĥ(θ₀ + sΔθ) − Ĥ(θ₀) by SNIS on the same E, for each scale s.
 
-    ``precision``: compute dtype of the value passes ("auto": float64 where the hardware allows;
-    see the ``precision`` module). ``delta_floor`` estimates their rounding error; a warning
+    ``precision``: compute dtype of the value passes ("auto": float64; see the ``precision``
+    module). ``delta_floor`` estimates their rounding error; a warning
     says when a measured ΔH is below it, and when a step moves more than 1e-3 of the sampling
     mass per token outside θ₀'s top-k/top-p support (``outside_support``), where SNIS is blind.
     """

@@ -67,7 +67,7 @@ def parameters_at(model: torch.nn.Module, value_of: ValueOf) -> Iterator[None]:
     def place(unit, args):
         for module, local in unit_slots[id(unit)]:
             key = (id(module), local)
-            if key in placed:  # the unit is re-entered (a tied module called from inside itself)
+            if key in placed:  # a module shared with a unit that is still running: already placed
                 continue
             original = module._parameters[local]
             placed[key] = (module, local, original)

@@ -1,7 +1,7 @@
 """In which floating-point precision the probe's passes compute (docs/method.md, "Precision").
 
 The measured ΔH = Ĥ(θ₀ + sΔθ) − Ĥ(θ₀) is a difference of two numbers of size H. At the
-learning rates of RL fine-tuning ΔH is 1e-8…1e-6 of H, below the rounding of a float32
+learning rates of RL fine-tuning ΔH is 1e-9…1e-6 of H, below the rounding of a float32
 (~1e-7 H) or bf16 (~1e-3 H) forward, so the value passes must compute in float64 — with the
 weights upcast layer by layer (``layerwise``), not as a copy of the model. Derivative passes
 have no such cancellation: float32 (or the model's float64) is enough for them.
@@ -13,11 +13,12 @@ Policies (``precision=``):
   (A100, H100, H200, B200) a float64 pass costs about what an exact float32 one does; on others
   it is 16-64× slower, and "float32" is the cheaper, less exact choice.
 - ``"float64"``: every pass in float64.
-- ``"float32"``: every pass in float32.
+- ``"float32"``: every pass in float32 (the vocabulary side of value passes in float64).
 - ``"model"``: the model's own dtypes (the cheapest; exact only for float64 models).
 
-Whatever the policy, probe passes run with TF32 and reduced-precision matmul off and outside
-any autocast region; ``exact_numerics`` restores every flag exactly afterwards.
+Whatever the policy, probe passes run with float32 matmuls in IEEE precision (no TF32, no
+oneDNN bf16x3) and outside any autocast region; ``exact_numerics`` restores every flag exactly
+afterwards.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ PRECISIONS = ("auto", "float64", "float32", "model")
 def check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}, got {precision!r}; "
-                         "'auto' measures in float64 where the hardware allows (docs/method.md, Precision)")
+                         "'auto' measures in float64 (docs/method.md, Precision)")
 
 
 @dataclass(frozen=True)
