@@ -22,52 +22,12 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from .metrics import Calibration
 from .model_guard import preserved_rng
+from .policy import token_id, check_trainable, resolve_policy, special_tokens
 from .prompts import load_prompts, tokenize_prompts
-from .sampling import SamplingConfig
+from .sampling import SamplingConfig, check_sampling_inputs
 from .step_probe import ProbeOptions, ProbeRecord, StepProbe
 
 JSONL_NAME = "entropy_probe.jsonl"
-
-
-def _is_causal_lm(module: Any) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover - peft is a dependency
-        PeftModel = ()
-    from transformers import PreTrainedModel
-
-    return isinstance(module, (PreTrainedModel, PeftModel))
-
-
-def resolve_policy(pl_module: torch.nn.Module, path: str | None) -> torch.nn.Module:
-    """The HF causal LM inside the LightningModule: at ``path``, or the only one found."""
-    candidates = [name for name, child in pl_module.named_children() if _is_causal_lm(child)]
-    if path is not None:
-        try:
-            policy = operator.attrgetter(path)(pl_module)
-        except AttributeError:
-            raise ValueError(f"EntropyProbe(policy={path!r}): {type(pl_module).__name__} has no attribute {path!r}; "
-                             f"causal LMs found on it: {candidates or 'none'}") from None
-        if not isinstance(policy, torch.nn.Module):
-            raise ValueError(f"EntropyProbe(policy={path!r}) is a {type(policy).__name__}, not a torch module")
-        return policy
-    if _is_causal_lm(pl_module):
-        return pl_module
-    if len(candidates) == 1:
-        return getattr(pl_module, candidates[0])
-    if not candidates:
-        raise ValueError(f"EntropyProbe found no Hugging Face causal LM on {type(pl_module).__name__}; set "
-                         "`policy` to the attribute path of the model (e.g. policy='model')")
-    raise ValueError(f"EntropyProbe found several causal LMs on {type(pl_module).__name__}: {candidates}; set "
-                     "`policy` to the one being trained")
-
-
-def _token_id(value) -> int | list[int] | None:
-    if value is None:
-        return None
-    if isinstance(value, (list, tuple)):
-        return [int(v) for v in value] if value else None
-    return int(value)
 
 
 class EntropyProbe(Callback):
@@ -135,7 +95,7 @@ class EntropyProbe(Callback):
         self.on_error = on_error
         self.log_samples = log_samples
         self.jsonl = jsonl
-        self.eos_token_id = _token_id(eos_token_id)
+        self.eos_token_id = token_id(eos_token_id)
         self.pad_token_id = pad_token_id
         self.core: StepProbe | None = None
         self.policy: torch.nn.Module | None = None
@@ -164,32 +124,17 @@ class EntropyProbe(Callback):
                                  "no such attribute") from None
         else:
             self.tokenizer = getattr(pl_module, "tokenizer", None)
-        prompts = tokenize_prompts(self.prompts, self.tokenizer)
-        eos, pad = self._special_tokens()
+        check_trainable(self.policy)
+        eos, pad = special_tokens(self.policy, self.tokenizer, self.eos_token_id, self.pad_token_id)
+        # Everything a probe would trip over is checked now, not at every probe of the run.
+        prompts = check_sampling_inputs(self.policy, tokenize_prompts(self.prompts, self.tokenizer),
+                                        self.options.sampling, eos, pad)
         world, rank = trainer.world_size, trainer.global_rank
         indices = list(range(rank, len(prompts), world))
         if not indices:
             raise ValueError(f"EntropyProbe has {len(prompts)} prompts for {world} ranks; give at least one per rank")
         self.core = StepProbe(self.options, [prompts[i] for i in indices], eos_token_id=eos, pad_token_id=pad,
                               prompt_indices=indices)
-
-    def _special_tokens(self) -> tuple[int | list[int], int]:
-        config = getattr(self.policy, "config", None)
-        generation = getattr(self.policy, "generation_config", None)
-        eos = self.eos_token_id
-        for source in (generation, config, self.tokenizer):
-            if eos is None:
-                eos = _token_id(getattr(source, "eos_token_id", None))
-        if eos is None:
-            raise ValueError("EntropyProbe could not find an EOS token id on the policy or tokenizer; "
-                             "set eos_token_id")
-        pad = self.pad_token_id
-        for source in (self.tokenizer, generation, config):
-            if pad is None:
-                pad = getattr(source, "pad_token_id", None)
-        if pad is None:
-            pad = eos if isinstance(eos, int) else eos[0]
-        return eos, int(pad)
 
     # ------------------------------------------------------------------ hooks
     # Protocol: the probe of step t begins in on_before_optimizer_step (θ₀, before the step)

@@ -24,9 +24,9 @@ from typing import Literal, Union
 
 import torch
 
-from .callback import resolve_policy
 from .engine import measure_delta_h, predict_delta_h
 from .model_guard import preserved_rng
+from .policy import resolve_policy, special_tokens
 from .prompts import load_prompts, tokenize_prompts
 from .sampling import SamplingConfig, sample_batch
 from .step import snapshot, step_delta, step_norm
@@ -260,7 +260,7 @@ def run_experiment(module, experiment: ProbeExperiment, ckpt_path: str | None = 
     from torch.utils.tensorboard import SummaryWriter
     from tqdm.auto import tqdm
 
-    policy = resolve_policy(module, None)
+    policy = resolve_policy(module, None, owner="entropy-callbacks probe")
     optimizer = _optimizer(module)
     load_training_state(module, optimizer, ckpt_path)
     if experiment.lr is not None:
@@ -275,9 +275,7 @@ def run_experiment(module, experiment: ProbeExperiment, ckpt_path: str | None = 
     else:
         prompts = load_prompts(experiment.prompts)
     prompt_ids = tokenize_prompts(prompts, tokenizer)
-    eos = getattr(tokenizer, "eos_token_id", None) or policy.config.eos_token_id
-    pad = getattr(tokenizer, "pad_token_id", None)
-    pad = eos if pad is None else pad
+    eos, pad = special_tokens(policy, tokenizer)
 
     out = _output_dir(experiment.output_root)
     if config_text is not None:

@@ -147,6 +147,28 @@ def _check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int | None) -> 
     return checked
 
 
+def check_sampling_inputs(model, prompts: Sequence[Sequence[int]], config: SamplingConfig,
+                          eos_token_id: int | Sequence[int], pad_token_id: int) -> list[list[int]]:
+    """The prompts as token-id lists, after checking everything a sampling run needs of them and
+    of the special tokens against the model (vocabulary, context length); a clear ValueError
+    otherwise. The callback calls it once before training, not at every probe."""
+    if not isinstance(config, SamplingConfig):
+        raise ValueError(f"config must be a SamplingConfig, got {type(config).__name__}")
+    vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+    prompts = _check_prompts(prompts, vocab_size)
+    for name, ids in (("eos_token_id", _eos_set(eos_token_id)), ("pad_token_id", [pad_token_id])):
+        if vocab_size is not None and any(not (0 <= int(i) < vocab_size) for i in ids):
+            raise ValueError(f"{name} {ids if len(ids) > 1 else ids[0]} is outside the model's vocabulary "
+                             f"[0, {vocab_size}); check the tokenizer matches the model")
+    width = max(len(p) for p in prompts)
+    limit = context_length(model)
+    if limit is not None and width + config.max_new_tokens > limit:
+        raise ValueError(
+            f"the longest prompt ({width} tokens) plus max_new_tokens ({config.max_new_tokens}) exceeds the "
+            f"model's context of {limit} positions; shorten the prompts or lower max_new_tokens")
+    return prompts
+
+
 def _eos_set(eos_token_id: int | Sequence[int]) -> list[int]:
     ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
     if not ids:
@@ -208,10 +230,7 @@ def sample_batch(model, prompts: Sequence[Sequence[int]], config: SamplingConfig
     share's global indices so that the seeds, and so the sequences, match a single process.
     The model's train/eval mode, gradient-checkpointing flags and the global RNG are unchanged.
     """
-    if not isinstance(config, SamplingConfig):
-        raise ValueError(f"config must be a SamplingConfig, got {type(config).__name__}")
-    vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
-    prompts = _check_prompts(prompts, vocab_size)
+    prompts = check_sampling_inputs(model, prompts, config, eos_token_id, pad_token_id)
     if _not_int(responses_per_prompt) or responses_per_prompt < 1:
         raise ValueError(f"responses_per_prompt must be >= 1, got {responses_per_prompt}")
     if batch_size is not None and batch_size < 1:
@@ -220,11 +239,6 @@ def sample_batch(model, prompts: Sequence[Sequence[int]], config: SamplingConfig
     if len(indices) != len(prompts):
         raise ValueError(f"prompt_indices has {len(indices)} entries for {len(prompts)} prompts")
     width = max(len(p) for p in prompts)
-    limit = context_length(model)
-    if limit is not None and width + config.max_new_tokens > limit:
-        raise ValueError(
-            f"the longest prompt ({width} tokens) plus max_new_tokens ({config.max_new_tokens}) exceeds the "
-            f"model's context of {limit} positions; shorten the prompts or lower max_new_tokens")
     device = next(model.parameters()).device
     eos = torch.tensor(_eos_set(eos_token_id), device=device)
     rows = [(prompt, g, r) for prompt, g in zip(prompts, indices) for r in range(responses_per_prompt)]
