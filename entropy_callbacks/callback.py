@@ -169,7 +169,8 @@ class EntropyProbe(Callback):
                 self._publish(trainer, ProbeRecord(step=step, skipped=True), None)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.print_summary and trainer.is_global_zero and self.calibration.history:
+        attempted = self.calibration.history or self.calibration.non_finite or self.probe_errors or self.skipped_steps
+        if self.print_summary and trainer.is_global_zero and attempted:
             rank_zero_info(self.summary_table())
 
     # ------------------------------------------------------------------ internals
@@ -220,7 +221,7 @@ class EntropyProbe(Callback):
                                     record.delta_measured_se)
             metrics = record.metrics(self.options.sampling.truncates)
             metrics.update({f"entropy/calibration/{k}": v for k, v in self.calibration.compute().items()
-                            if k != "count" and math.isfinite(v)})
+                            if k not in ("count", "non_finite") and math.isfinite(v)})
             metrics["entropy/probe_errors"] = float(self.probe_errors)
         if not trainer.is_global_zero:
             return
@@ -279,16 +280,23 @@ class EntropyProbe(Callback):
     def summary_table(self) -> str:
         c = self.calibration.compute()
         quadratic = self.options.order == 2
+        number = lambda value, spec: "—" if math.isnan(value) else format(value, spec)  # noqa: E731
+        counts = f"errors {self.probe_errors}, skipped {self.skipped_steps}, non-finite {int(c['non_finite'])}"
         lines = ["EntropyProbe calibration over the run",
-                 f"  probes                 {int(c['count'])}  (errors {self.probe_errors}, skipped {self.skipped_steps})",
-                 f"  Pearson r  linear      {c['pearson_linear']:.4f}"]
+                 f"  probes                 {int(c['count'])}  ({counts})"]
+        if not c["count"]:
+            lines.append("  no probe gave a usable pair of prediction and measurement"
+                         + ("; every probe failed (see the warnings)" if self.probe_errors else ""))
+            return "\n".join(lines)
+        lines.append(f"  Pearson r  linear      {number(c['pearson_linear'], '.4f')}")
         if quadratic:
-            lines.append(f"  Pearson r  quadratic   {c['pearson_quadratic']:.4f}")
-        lines.append(f"  MAE        linear      {c['mae_linear']:.3e}")
+            lines.append(f"  Pearson r  quadratic   {number(c['pearson_quadratic'], '.4f')}")
+        lines.append(f"  MAE        linear      {number(c['mae_linear'], '.3e')}")
         if quadratic:
-            lines.append(f"  MAE        quadratic   {c['mae_quadratic']:.3e}")
-        lines += [f"  sign agreement         {c['sign_agreement']:.3f}   (of the {'quadratic' if quadratic else 'linear'} prediction)",
-                  f"  |pred - meas| <= 2 SE  {c['coverage_2se']:.3f}"]
+            lines.append(f"  MAE        quadratic   {number(c['mae_quadratic'], '.3e')}")
+        lines += [f"  sign agreement         {number(c['sign_agreement'], '.3f')}   "
+                  f"(of the {'quadratic' if quadratic else 'linear'} prediction)",
+                  f"  |pred - meas| <= 2 SE  {number(c['coverage_2se'], '.3f')}"]
         return "\n".join(lines)
 
     # ------------------------------------------------------------------ state

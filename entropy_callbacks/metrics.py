@@ -18,6 +18,7 @@ class Calibration:
 
     def __init__(self) -> None:
         self.history: list[tuple[float, float | None, float, float]] = []
+        self.non_finite = 0  # pairs left out: a NaN would poison every later value
         self._reset()
 
     def _reset(self) -> None:
@@ -30,7 +31,11 @@ class Calibration:
         self.coverage_2se = MeanMetric(**kw).double()
         self._quadratic_count = 0
 
-    def update(self, linear: float, quadratic: float | None, measured: float, measured_se: float) -> None:
+    def update(self, linear: float, quadratic: float | None, measured: float, measured_se: float) -> bool:
+        """Add one probe; False (and counted in ``non_finite``) when a value is not finite."""
+        if not all(math.isfinite(v) for v in (linear, measured, 0.0 if quadratic is None else quadratic)):
+            self.non_finite += 1
+            return False
         self.history.append((linear, quadratic, measured, measured_se))
         t = lambda x: torch.tensor([x], dtype=torch.float64)  # noqa: E731
         self.pearson_linear.update(t(linear), t(measured))
@@ -43,25 +48,28 @@ class Calibration:
         self.sign_agreement.update(t(float(math.copysign(1, best) == math.copysign(1, measured))))
         if math.isfinite(measured_se):
             self.coverage_2se.update(t(float(abs(best - measured) <= 2 * measured_se)))
+        return True
 
     def compute(self) -> dict[str, float]:
         n = len(self.history)
         nan = float("nan")
-        out = {"count": float(n)}
-        out["pearson_linear"] = float(self.pearson_linear.compute()) if n >= 2 else nan
+        out = {"count": float(n), "non_finite": float(self.non_finite)}
+        # Pearson r of two points is ±1 whatever they are: reported from three on.
+        out["pearson_linear"] = float(self.pearson_linear.compute()) if n >= 3 else nan
         out["mae_linear"] = float(self.mae_linear.compute()) if n >= 1 else nan
         q = self._quadratic_count
-        out["pearson_quadratic"] = float(self.pearson_quadratic.compute()) if q >= 2 else nan
+        out["pearson_quadratic"] = float(self.pearson_quadratic.compute()) if q >= 3 else nan
         out["mae_quadratic"] = float(self.mae_quadratic.compute()) if q >= 1 else nan
         out["sign_agreement"] = float(self.sign_agreement.compute()) if n >= 1 else nan
         out["coverage_2se"] = float(self.coverage_2se.compute()) if self.coverage_2se.update_count else nan
         return out
 
     def state_dict(self) -> dict:
-        return {"history": [list(h) for h in self.history]}
+        return {"history": [list(h) for h in self.history], "non_finite": self.non_finite}
 
     def load_state_dict(self, state: dict) -> None:
         self.history = []
         self._reset()
         for linear, quadratic, measured, se in state.get("history", []):
             self.update(linear, quadratic, measured, se)
+        self.non_finite = int(state.get("non_finite", 0))

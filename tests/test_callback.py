@@ -635,7 +635,8 @@ def test_calibration_table_printed_and_tags_logged(tmp_path):
         rank_zero_log.removeHandler(handler)
 
     (table,) = [m for m in handler.messages if "EntropyProbe calibration" in m]
-    for row in ("probes                 3  (errors 0, skipped 0)", "Pearson r  linear", "Pearson r  quadratic",
+    for row in ("probes                 3  (errors 0, skipped 0, non-finite 0)", "Pearson r  linear",
+                "Pearson r  quadratic",
                 "MAE        linear", "MAE        quadratic", "sign agreement", "|pred - meas| <= 2 SE"):
         assert row in table, row
 
@@ -656,9 +657,9 @@ def test_calibration_table_printed_and_tags_logged(tmp_path):
     for name, value in expected.items():
         logged = logger.values(f"entropy/calibration/{name}")
         assert logged[2] == pytest.approx(value, rel=1e-6, abs=1e-12), name
-    # MAE from the first probe on; Pearson needs two probes (not logged as NaN before)
+    # MAE from the first probe on; Pearson needs three probes (two give ±1 whatever they are)
     assert sorted(logger.values("entropy/calibration/mae_linear")) == [0, 1, 2]
-    assert sorted(logger.values("entropy/calibration/pearson_linear")) == [1, 2]
+    assert sorted(logger.values("entropy/calibration/pearson_linear")) == [2]
     assert f"{expected['pearson_linear']:.4f}" in table
     assert f"{expected['mae_linear']:.3e}" in table
 
@@ -708,3 +709,43 @@ def test_step_skipped_without_optimizer_hook_is_recorded_as_skipped(tmp_path):
     assert [line["skipped"] for line in lines] == [False, False, True, False]
     # strict JSON: NaN is written as null
     assert all("NaN" not in json.dumps(line) for line in lines)
+
+
+# ---------------------------------------------------------------------------- calibration edge cases
+def test_non_finite_pairs_are_counted_not_poisoning_calibration_even_after_resume():
+    from entropy_callbacks.metrics import Calibration
+
+    calibration = Calibration()
+    for linear, measured in [(1e-4, 1.1e-4), (float("nan"), 2e-4), (-3e-4, -2.9e-4), (2e-4, float("nan")),
+                             (5e-4, 5.2e-4)]:
+        calibration.update(linear, linear, measured, 1e-5)
+    values = calibration.compute()
+    assert values["count"] == 3 and values["non_finite"] == 2
+    assert all(math.isfinite(values[k]) for k in ("pearson_linear", "mae_linear", "sign_agreement", "coverage_2se"))
+    resumed = Calibration()
+    resumed.load_state_dict(calibration.state_dict())
+    assert resumed.compute() == values
+    resumed.update(float("inf"), None, 1e-4, 1e-5)
+    assert resumed.compute()["non_finite"] == 3 and math.isfinite(resumed.compute()["pearson_linear"])
+
+
+def test_pearson_of_two_probes_is_shown_as_a_dash(tmp_path):
+    entropy_probe = probe(every_n_steps=1)
+    trainer = make_trainer(tmp_path, max_steps=2, callbacks=[entropy_probe])
+    trainer.fit(TinyPolicyModule(load_policy(tmp_path)), random_token_loader(num=16, batch_size=8))
+    table = entropy_probe.summary_table()
+    assert "Pearson r  linear      —" in table and "Pearson r  quadratic   —" in table
+    assert "1.0000" not in table
+
+
+def test_summary_says_so_when_every_probe_failed(tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise RuntimeError("no memory left")
+
+    monkeypatch.setattr(step_probe_module, "measurement_terms", fail)
+    entropy_probe = probe(every_n_steps=1)
+    trainer = make_trainer(tmp_path, max_steps=2, callbacks=[entropy_probe])
+    with pytest.warns(RuntimeWarning, match="no memory left"):
+        trainer.fit(TinyPolicyModule(load_policy(tmp_path)), random_token_loader(num=16, batch_size=8))
+    table = entropy_probe.summary_table()
+    assert "probes                 0  (errors 2," in table and "every probe failed" in table
