@@ -7,9 +7,12 @@ after it, and logs the record. Everything numerical happens in the framework-fre
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import operator
+import re
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -28,6 +31,7 @@ from .sampling import SamplingConfig, check_sampling_inputs
 from .step_probe import ProbeOptions, ProbeRecord, StepProbe
 
 JSONL_NAME = "entropy_probe.jsonl"
+RECORDS_KEPT = 1000  # in memory; the JSONL file holds every record
 
 
 class EntropyProbe(Callback):
@@ -57,6 +61,9 @@ class EntropyProbe(Callback):
         log_samples: how many decoded responses of E to log as TensorBoard text.
         jsonl: write every probe to ``entropy_probe.jsonl`` in the logger's directory.
         eos_token_id, pad_token_id: default from the policy's config / tokenizer.
+        name: tells several EntropyProbes in one Trainer apart (e.g. one per prompt set): their
+            tags go under ``entropy/<name>/``, their records to ``entropy_probe_<name>.jsonl``,
+            and their checkpointed state under their own key.
     """
 
     def __init__(
@@ -80,6 +87,7 @@ class EntropyProbe(Callback):
         jsonl: bool = True,
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
+        name: str | None = None,
     ) -> None:
         self.options = ProbeOptions(
             sampling=sampling, every_n_steps=every_n_steps, responses_per_prompt=responses_per_prompt,
@@ -89,6 +97,11 @@ class EntropyProbe(Callback):
             raise ValueError(f"on_error must be 'warn' or 'raise', got {on_error!r}")
         if log_samples < 0:
             raise ValueError(f"log_samples must be >= 0, got {log_samples}")
+        if name is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            raise ValueError(f"name must be letters, digits, '_', '.' or '-' (it becomes a tag and a file name), "
+                             f"got {name!r}")
+        self.name = name
+        self.prefix = "entropy/" if name is None else f"entropy/{name}/"
         self.prompts = load_prompts(prompts)
         self.policy_path = policy
         self.tokenizer_path = tokenizer
@@ -103,7 +116,8 @@ class EntropyProbe(Callback):
         self.calibration = Calibration()
         self.probe_errors = 0
         self.skipped_steps = 0
-        self.records: list[ProbeRecord] = []
+        self.records: collections.deque[ProbeRecord] = collections.deque(maxlen=RECORDS_KEPT)
+        self.run_id = uuid.uuid4().hex[:12]  # on every JSONL record: tells runs sharing a file apart
         self._layout_written = False
         self.print_summary = True
         self._due_step: int | None = None
@@ -141,9 +155,15 @@ class EntropyProbe(Callback):
     # and ends in the first on_train_batch_end after global_step passes t. Under DDP every rank
     # with a due probe joins one all_gather of its share (or None if it failed), so a failure
     # on one rank makes all ranks skip that probe together instead of hanging.
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(name=self.name)
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_step = trainer.global_step
         self._due_step = None
+        if self.jsonl and trainer.is_global_zero:
+            self._start_jsonl(self.jsonl_path(trainer), trainer.global_step)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         core, step = self.core, trainer.global_step
@@ -197,9 +217,10 @@ class EntropyProbe(Callback):
             self._failure = None
             warnings.warn(f"EntropyProbe: the probe at step {step} failed and was skipped ({reason}); training continues",
                           RuntimeWarning, stacklevel=2)
-            self._log_metrics(trainer, {"entropy/probe_errors": float(self.probe_errors)}, step)
+            self._log_metrics(trainer, {f"{self.prefix}probe_errors": float(self.probe_errors)}, step)
             return
         record = self._contained(step, lambda: core.summarize(parts))
+        self._last_batch = None  # E leaves the device between probes
         if record is not None:
             self._publish(trainer, record, batch_e)
 
@@ -215,14 +236,14 @@ class EntropyProbe(Callback):
         self.records.append(record)
         if record.skipped:
             self.skipped_steps += 1
-            metrics = {"entropy/skipped_steps": float(self.skipped_steps)}
+            metrics = {f"{self.prefix}skipped_steps": float(self.skipped_steps)}
         else:
             self.calibration.update(record.delta_linear, record.delta_quadratic, record.delta_measured,
                                     record.delta_measured_se)
-            metrics = record.metrics(self.options.sampling.truncates)
-            metrics.update({f"entropy/calibration/{k}": v for k, v in self.calibration.compute().items()
+            metrics = record.metrics(self.options.sampling.truncates, self.prefix)
+            metrics.update({f"{self.prefix}calibration/{k}": v for k, v in self.calibration.compute().items()
                             if k not in ("count", "non_finite") and math.isfinite(v)})
-            metrics["entropy/probe_errors"] = float(self.probe_errors)
+            metrics[f"{self.prefix}probe_errors"] = float(self.probe_errors)
         if not trainer.is_global_zero:
             return
         self._log_metrics(trainer, metrics, record.step)
@@ -232,7 +253,7 @@ class EntropyProbe(Callback):
             path = self.jsonl_path(trainer)
             path.parent.mkdir(parents=True, exist_ok=True)
             with path.open("a") as f:
-                f.write(json.dumps(record.to_json(), allow_nan=False) + "\n")
+                f.write(json.dumps({"run_id": self.run_id, **record.to_json()}, allow_nan=False) + "\n")
 
     @staticmethod
     def _log_metrics(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
@@ -241,12 +262,22 @@ class EntropyProbe(Callback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
 
-    @staticmethod
-    def jsonl_path(trainer: pl.Trainer) -> Path:
+    def jsonl_path(self, trainer: pl.Trainer) -> Path:
+        file = JSONL_NAME if self.name is None else f"entropy_probe_{self.name}.jsonl"
         for logger in trainer.loggers:
             if getattr(logger, "log_dir", None):
-                return Path(logger.log_dir) / JSONL_NAME
-        return Path(trainer.default_root_dir) / JSONL_NAME
+                return Path(logger.log_dir) / file
+        return Path(trainer.default_root_dir) / file
+
+    @staticmethod
+    def _start_jsonl(path: Path, step: int) -> None:
+        """A fresh run starts the file anew; a resumed one keeps the records before the step it
+        resumes from and drops the abandoned branch's later ones."""
+        if not path.exists():
+            return
+        kept = [] if step == 0 else [line for line in path.read_text().splitlines()
+                                     if line.strip() and json.loads(line)["step"] < step]
+        path.write_text("".join(line + "\n" for line in kept))
 
     def _log_tensorboard(self, trainer: pl.Trainer, record: ProbeRecord, batch_e) -> None:
         for logger in trainer.loggers:
@@ -254,19 +285,25 @@ class EntropyProbe(Callback):
                 continue
             writer = logger.experiment
             if not self._layout_written:
-                lines = ["entropy/delta_measured", "entropy/delta_linear"]
-                if self.options.order == 2:
-                    lines.append("entropy/delta_quadratic")
-                writer.add_custom_scalars({"entropy": {
-                    "ΔH predicted vs measured": ["Multiline", lines],
-                    "ΔH measured ± 2 SE": ["Margin", ["entropy/delta_measured", "entropy/delta_measured_lower",
-                                                        "entropy/delta_measured_upper"]],
-                }})
+                writer.add_custom_scalars(self.custom_scalars_layout())
                 self._layout_written = True
-            writer.add_histogram("entropy/per_sequence_linear", torch.tensor(record.per_sequence_linear),
+            writer.add_histogram(f"{self.prefix}per_sequence_linear", torch.tensor(record.per_sequence_linear),
                                  record.step)
             if self.log_samples:
-                writer.add_text("entropy/samples", self._samples_markdown(batch_e), record.step)
+                writer.add_text(f"{self.prefix}samples", self._samples_markdown(batch_e), record.step)
+
+    def custom_scalars_layout(self) -> dict:
+        """TensorBoard's custom-scalars charts. Multiline tags are regexes that TensorBoard matches
+        at the start of every tag, so each is escaped and anchored to one tag exactly."""
+        tag = lambda name: f"^{re.escape(self.prefix + name)}$"  # noqa: E731
+        margin = lambda name: [self.prefix + name, self.prefix + name + "_lower", self.prefix + name + "_upper"]  # noqa: E731
+        predicted = ["delta_measured", "delta_linear"] + (["delta_quadratic"] if self.options.order == 2 else [])
+        return {self.prefix.rstrip("/"): {
+            "ΔH predicted vs measured": ["Multiline", [tag(n) for n in predicted]],
+            "ΔH measured ± 2 SE": ["Margin", margin("delta_measured")],
+            "Entropy Ĥ ± 2 SE": ["Margin", margin("before")],
+            "Relative Taylor error |measured − predicted| / |measured|": ["Multiline", [tag("taylor_error_relative")]],
+        }}
 
     def _samples_markdown(self, batch_e) -> str:
         rows = []

@@ -52,7 +52,7 @@ class ProbeOptions:
         check_options(self.normalize, self.estimator, self.microbatch_size)
         scales = check_scales(self.scales)
         # s = 1 is the real step: always measured, and listed first.
-        object.__setattr__(self, "scales", (1.0,) + tuple(s for s in scales if s != 1.0))
+        object.__setattr__(self, "scales", tuple(dict.fromkeys((1.0,) + scales)))  # no duplicate tags
         if self.snapshot_device not in ("auto", "cpu"):
             raise ValueError(f"snapshot_device must be 'auto' or 'cpu', got {self.snapshot_device!r}")
         check_precision(self.precision)
@@ -89,35 +89,39 @@ class ProbeRecord:
     num_tokens: int = 0
     per_sequence_linear: list[float] = field(default_factory=list)
 
-    def metrics(self, truncates: bool) -> dict[str, float]:
-        """Scalars under the ``entropy/`` tags."""
+    def metrics(self, truncates: bool, prefix: str = "entropy/") -> dict[str, float]:
+        """Scalars under the ``prefix`` tags (``entropy/`` by default)."""
         if self.skipped:
             return {}
+        relative = abs(self.taylor_error / self.delta_measured) if self.delta_measured else math.nan
         m = {
-            "entropy/before": self.entropy_before,
-            "entropy/before_se": self.entropy_before_se,
-            "entropy/delta_measured": self.delta_measured,
-            "entropy/delta_measured_se": self.delta_measured_se,
-            "entropy/delta_measured_floor": self.delta_measured_floor,
-            "entropy/delta_measured_lower": self.delta_measured - 2 * self.delta_measured_se,
-            "entropy/delta_measured_upper": self.delta_measured + 2 * self.delta_measured_se,
-            "entropy/delta_linear": self.delta_linear,
-            "entropy/delta_linear_se": self.delta_linear_se,
-            "entropy/taylor_error": self.taylor_error,
-            "entropy/ess": self.ess,
-            "entropy/step_norm": self.step_norm,
-            "entropy/lr": self.lr,
-            "entropy/delta_linear_per_lr": self.delta_linear_per_lr,
-            "entropy/probe_seconds": self.probe_seconds,
+            "before": self.entropy_before,
+            "before_se": self.entropy_before_se,
+            "before_lower": self.entropy_before - 2 * self.entropy_before_se,
+            "before_upper": self.entropy_before + 2 * self.entropy_before_se,
+            "delta_measured": self.delta_measured,
+            "delta_measured_se": self.delta_measured_se,
+            "delta_measured_floor": self.delta_measured_floor,
+            "delta_measured_lower": self.delta_measured - 2 * self.delta_measured_se,
+            "delta_measured_upper": self.delta_measured + 2 * self.delta_measured_se,
+            "delta_linear": self.delta_linear,
+            "delta_linear_se": self.delta_linear_se,
+            "taylor_error": self.taylor_error,
+            "taylor_error_relative": relative,  # |measured − prediction| / |measured|
+            "ess": self.ess,
+            "step_norm": self.step_norm,
+            "lr": self.lr,
+            "delta_linear_per_lr": self.delta_linear_per_lr,
+            "probe_seconds": self.probe_seconds,
         }
         if self.delta_quadratic is not None:
-            m["entropy/delta_quadratic"] = self.delta_quadratic
-            m["entropy/curvature"] = self.curvature
+            m["delta_quadratic"] = self.delta_quadratic
+            m["curvature"] = self.curvature
         for scale, delta in zip(self.scales[1:], self.delta_measured_at[1:]):
-            m[f"entropy/delta_measured@{scale:g}"] = delta
+            m[f"delta_measured@{scale:g}"] = delta
         if truncates:
-            m["entropy/outside_support"] = self.outside_support[0]
-        return m
+            m["outside_support"] = self.outside_support[0]
+        return {prefix + name: value for name, value in m.items()}
 
     def to_json(self) -> dict:
         """A dict for strict JSON: NaN becomes None (null)."""

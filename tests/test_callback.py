@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import subprocess
 import sys
 import warnings
@@ -38,8 +39,8 @@ PROMPTS = [[2, 3, 4], [2, 5], [2, 6, 7], [3, 3]]
 SAMPLING = SamplingConfig(max_new_tokens=5)
 HERE = Path(__file__).resolve().parent
 
-# Fields of a record that are not functions of the training state (wall-clock time).
-UNTIMED = ("probe_seconds",)
+# Fields of a record that are not functions of the training state (wall-clock time, run id).
+UNTIMED = ("probe_seconds", "run_id")
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -556,13 +557,26 @@ def test_tensorboard_event_file_and_jsonl(tmp_path):
     assert "custom_scalars__config__" in accumulator.PluginTagToContent("custom_scalars")
     (layout_event,) = accumulator.Tensors("custom_scalars__config__")  # written once
     layout = layout_pb2.Layout.FromString(layout_event.tensor_proto.string_val[0])
-    charted = {tag for category in layout.category for chart in category.chart
-               for series in (list(chart.multiline.tag) + [t for s in chart.margin.series
-                                                            for t in (s.value, s.lower, s.upper)])
-               for tag in [series]}
-    assert {"entropy/delta_measured", "entropy/delta_linear", "entropy/delta_quadratic"} <= charted
-    assert {"entropy/delta_measured_lower", "entropy/delta_measured_upper"} <= charted
-    assert {"entropy/delta_measured_lower", "entropy/delta_measured_upper"} <= set(tags["scalars"])
+    charts = {chart.title: chart for category in layout.category for chart in category.chart}
+    scalars = set(tags["scalars"])
+    # Multiline tags are regexes; TensorBoard's custom-scalars plugin keeps the tags t with
+    # re.compile(pattern).match(t). Each pattern must pick exactly the one tag it names.
+    matched = {title: [[t for t in scalars if re.compile(p).match(t)] for p in chart.multiline.tag]
+               for title, chart in charts.items() if chart.HasField("multiline")}
+    assert matched == {
+        "ΔH predicted vs measured": [["entropy/delta_measured"], ["entropy/delta_linear"],
+                                     ["entropy/delta_quadratic"]],
+        "Relative Taylor error |measured − predicted| / |measured|": [["entropy/taylor_error_relative"]],
+    }
+    # Margin series name tags exactly (value, lower, upper), and every one is logged.
+    margins = {title: [(s.value, s.lower, s.upper) for s in chart.margin.series]
+               for title, chart in charts.items() if chart.HasField("margin")}
+    assert margins == {
+        "ΔH measured ± 2 SE": [("entropy/delta_measured", "entropy/delta_measured_lower",
+                                "entropy/delta_measured_upper")],
+        "Entropy Ĥ ± 2 SE": [("entropy/before", "entropy/before_lower", "entropy/before_upper")],
+    }
+    assert {t for series in margins.values() for triple in series for t in triple} <= scalars
 
 
 # ---------------------------------------------------------------------------- bad options
@@ -705,7 +719,7 @@ def test_step_skipped_without_optimizer_hook_is_recorded_as_skipped(tmp_path):
     steps = [(r.step, r.skipped) for r in entropy_probe.records]
     assert steps == [(0, False), (1, False), (2, True), (3, False)], steps
     assert entropy_probe.skipped_steps == 1
-    lines = read_jsonl(EntropyProbe.jsonl_path(trainer))
+    lines = read_jsonl(entropy_probe.jsonl_path(trainer))
     assert [line["skipped"] for line in lines] == [False, False, True, False]
     # strict JSON: NaN is written as null
     assert all("NaN" not in json.dumps(line) for line in lines)
@@ -749,3 +763,48 @@ def test_summary_says_so_when_every_probe_failed(tmp_path, monkeypatch):
         trainer.fit(TinyPolicyModule(load_policy(tmp_path)), random_token_loader(num=16, batch_size=8))
     table = entropy_probe.summary_table()
     assert "probes                 0  (errors 2," in table and "every probe failed" in table
+
+
+def test_jsonl_keeps_one_branch_per_directory_with_run_ids(tmp_path):
+    """logger=False writes to default_root_dir. A resumed run keeps the records before the step it
+    resumes from and replaces the abandoned branch's later ones; a fresh run starts the file anew."""
+    model_dir, root = tmp_path / "model", tmp_path / "run"
+    loader = lambda: random_token_loader(num=8, batch_size=8)  # noqa: E731
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", every_n_train_steps=2, save_top_k=-1)
+    make_trainer(root, max_steps=4, enable_checkpointing=True, callbacks=[probe(), checkpoint]).fit(
+        SeededAdvantageModule(load_policy(model_dir), lr=1e-2), loader())
+    first = read_strict_jsonl(root / "entropy_probe.jsonl")
+    assert [line["step"] for line in first] == [0, 1, 2, 3] and len({line["run_id"] for line in first}) == 1
+
+    resumed = probe()
+    make_trainer(root, max_steps=4, callbacks=[resumed]).fit(
+        SeededAdvantageModule(load_policy(model_dir), lr=1e-2), loader(), ckpt_path=str(tmp_path / "ckpt" / "step=2.ckpt"))
+    lines = read_strict_jsonl(root / "entropy_probe.jsonl")
+    assert [line["step"] for line in lines] == [0, 1, 2, 3]
+    assert [line["run_id"] for line in lines] == [first[0]["run_id"]] * 2 + [resumed.run_id] * 2
+
+    fresh = probe()
+    make_trainer(root, max_steps=2, callbacks=[fresh]).fit(TinyPolicyModule(load_policy(model_dir)), loader())
+    lines = read_strict_jsonl(root / "entropy_probe.jsonl")
+    assert [(line["step"], line["run_id"]) for line in lines] == [(0, fresh.run_id), (1, fresh.run_id)]
+
+
+def test_two_named_probes_run_side_by_side(tmp_path):
+    """Two prompt sets, two probes: separate tags, files and checkpointed state."""
+    math_probe = probe(name="math", prompts=PROMPTS[:2])
+    code_probe = probe(name="code", prompts=PROMPTS[2:], scales=[1.0, 2.0, 2.0])
+    assert code_probe.options.scales == (1.0, 2.0)  # duplicate scales, duplicate tags: dropped
+    logger = MemoryLogger()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", every_n_train_steps=2, save_top_k=-1)
+    trainer = make_trainer(tmp_path, max_steps=2, logger=logger, enable_checkpointing=True,
+                           callbacks=[math_probe, code_probe, checkpoint])
+    trainer.fit(TinyPolicyModule(load_policy(tmp_path)), random_token_loader(num=16, batch_size=8))
+    tags = {t for _, m in logger.logged for t in m}
+    assert {"entropy/math/delta_measured", "entropy/code/delta_measured", "entropy/code/delta_measured@2"} <= tags
+    assert not any(t.startswith("entropy/delta") for t in tags)
+    assert [r.step for r in math_probe.records] == [r.step for r in code_probe.records] == [0, 1]
+    assert math_probe.records[0].entropy_before != code_probe.records[0].entropy_before
+    saved = torch.load(tmp_path / "ckpt" / "step=2.ckpt", weights_only=False)["callbacks"]
+    assert {math_probe.state_key, code_probe.state_key} <= set(saved) and math_probe.state_key != code_probe.state_key
+    with pytest.raises(ValueError, match="name must be letters"):
+        probe(name="has space")

@@ -32,12 +32,12 @@ class Capture(Callback):
         self.before, self.after, self.batches = {}, {}, {}
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        self.before[trainer.global_step] = {n: p.detach().clone() for n, p in self.policy.named_parameters()}
+        step = trainer.global_step
+        self.before[step] = {n: p.detach().clone() for n, p in self.policy.named_parameters()}
+        self.batches[step] = self.probe.core.pending.batch  # drawn by the probe's hook, just before
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step - 1
-        self.after[step] = {n: p.detach().clone() for n, p in self.policy.named_parameters()}
-        self.batches[step] = self.probe._last_batch
+        self.after[trainer.global_step - 1] = {n: p.detach().clone() for n, p in self.policy.named_parameters()}
 
 
 def float64_truth(policy, before, after, batch):
