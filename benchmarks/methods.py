@@ -2,7 +2,7 @@
 
 Run:  .venv/bin/python benchmarks/methods.py [--repeats 15] [--threads 2] [--clock cpu] ...
 
-With g(s) = Ĥ(θ₀ + sΔθ) on a fixed batch E (SPEC §2), every method below estimates g′(0) and
+With g(s) = Ĥ(θ₀ + sΔθ) on a fixed batch E (docs/method.md §3), every method below estimates g′(0) and
 g″(0) on the same E and the same Δθ, on a Llama-style model with random weights (default:
 hidden 256, 4 layers, vocab 512; E = 16 sequences x 64 sampled tokens), in float32:
 
@@ -24,7 +24,7 @@ hidden 256, 4 layers, vocab 512; E = 16 sequences x 64 sampled tokens), in float
                    per-sequence D S_i, D f_i (D² S_i, D² f_i) combined by ``estimators.taylor_terms``
 
 Reference: the same model in float64 (same weights; HF's RMSNorm patched to compute in the
-input dtype, SPEC §4, as tests/tiny_models.py ``float64_rmsnorm`` does, on this copy only), where
+input dtype, docs/method.md §9, as tests/tiny_models.py ``float64_rmsnorm`` does, on this copy only), where
 ``predict_delta_h(order=2)`` gives g′(0) and g″(0), cross-checked by 7-point central differences
 of ``measure_delta_h`` in float64 (truncation O(h⁶)); the agreement of the two routes is printed.
 The float64 finite-difference rows use that patched copy too.
@@ -207,7 +207,7 @@ def _rmsnorm_in_input_dtype(self, hidden_states):
 
 
 def float64_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """The same weights in float64, RMSNorm computed in float64 (HF's casts to float32, SPEC §4;
+    """The same weights in float64, RMSNorm computed in float64 (HF's casts to float32, docs/method.md §9;
     as tests/tiny_models.py float64_rmsnorm), patched on this copy's modules only."""
     reference = copy.deepcopy(model).double().eval()
     for module in reference.modules():

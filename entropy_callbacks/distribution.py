@@ -2,7 +2,7 @@
 
 The same functions define q_θ for the sampler and for teacher-forced scoring, so the sequences
 in E are exactly draws from the distribution that is differentiated. The support is computed
-from detached logits: for derivatives it is locally constant (SPEC §2).
+from detached logits: for derivatives it is locally constant (docs/method.md §1).
 """
 
 from __future__ import annotations

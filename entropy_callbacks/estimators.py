@@ -1,4 +1,4 @@
-r"""The estimators of SPEC §2, computed once, from per-sequence terms.
+r"""The estimators of docs/method.md §2–§5, computed once, from per-sequence terms.
 
 Notation (one entry per sequence i of E, N in all, grouped by prompt g):
 

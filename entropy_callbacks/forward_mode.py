@@ -1,6 +1,6 @@
 """Making a Hugging Face model safe for forward-mode AD (JVPs), first and second order.
 
-Three facts about this stack (SPEC §4) are handled here, and only here:
+Three facts about this stack (docs/method.md §9) are handled here, and only here:
 
 - Fused attention kernels (CPU flash, CUDA flash/efficient, the flash-attn package) have no
   forward-AD rule: JVP passes run SDPA under the MATH backend, and a model configured for a

@@ -31,7 +31,7 @@ def forward_kwargs(model: torch.nn.Module, input_ids: Tensor, attention_mask: Te
                    keep_last: int | None = None) -> dict:
     """Keyword arguments for a causal-LM forward with explicit positions.
 
-    GPT-2 needs explicit position ids under left padding (SPEC §4); ``keep_last`` asks the
+    GPT-2 needs explicit position ids under left padding (docs/method.md §9); ``keep_last`` asks the
     model to apply its LM head to the last positions only, where it supports ``logits_to_keep``.
     """
     accepted = _forward_parameters(type(hf_model(model)))

@@ -4,7 +4,7 @@ Sampling is a deterministic function of (seed, prompt index, response index): ev
 ``torch.Generator`` seeded from that triple and draws one vector of Gumbel noise per decoding
 step, so the same sequences come out whatever the batch size or DDP rank, and the global RNG is
 never touched. Gumbel-max over the truncated, temperature-scaled log-probabilities samples
-exactly from the sampling distribution q_θ of SPEC §2.
+exactly from the sampling distribution q_θ (docs/method.md §1).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Bad input gets a ValueError that says what to fix (SPEC §3)."""
+"""Bad input gets a ValueError that says what to fix."""
 
 from __future__ import annotations
 

@@ -15,7 +15,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -279,17 +278,14 @@ def _bad_fit_config(tmp_path: Path, field: str) -> Path:
 def test_bad_fit_config_fails_before_training(field, message, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = _bad_fit_config(tmp_path, field)
-    started = time.perf_counter()
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(path)])
-    elapsed = time.perf_counter() - started
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert re.search(message, err), err[-2000:]
     assert "invalid configuration" in err
     assert "Given value" not in err and "Namespace(" not in err  # one clear line, not jsonargparse's dump
     assert not (tmp_path / "runs").exists()  # no logger directory, no checkpoint: training never started
-    assert elapsed < 20, elapsed
 
 
 @pytest.mark.parametrize("extra, message", [

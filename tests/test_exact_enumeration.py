@@ -2,9 +2,9 @@
 
 A float64 Llama with a 6-token vocabulary, responses of at most 3 tokens (EOS = 1 reachable),
 four prompts drawn uniformly. Every response of every prompt is enumerated (156 per prompt), so
-the population entropy (token and sequence normalisations, SPEC §2), its directional derivative
+the population entropy (token and sequence normalisations, docs/method.md §1–§2), its directional derivative
 along Δθ and the exact ΔH of a step are known to ~1e-10. The reference below is written from
-SPEC §2 alone and shares no code with ``entropy_callbacks`` (its own softmax/top-p, its own
+docs/method.md §1–§2 alone and shares no code with ``entropy_callbacks`` (its own softmax/top-p, its own
 forward): the library's estimate from sampled sequences must match it within its standard error,
 and over many seeds the z-scores (estimate − exact) / SE must look standard normal — i.e. the
 grouped-jackknife standard errors are calibrated.
@@ -48,7 +48,7 @@ QUANTITIES = ("entropy", "linear", "delta_h")
 
 
 # --------------------------------------------------------------------------------------------
-# Exact reference (SPEC §2, independent of entropy_callbacks)
+# Exact reference (docs/method.md §1–§2, independent of entropy_callbacks)
 # --------------------------------------------------------------------------------------------
 
 def all_responses() -> list[list[int]]:
@@ -145,7 +145,7 @@ def supports_equal(a: dict, b: dict) -> bool:
 
 @pytest.fixture(scope="module", autouse=True)
 def environment():
-    """float64 RMSNorm (HF computes it in float32 even in a float64 model, SPEC §4, which would
+    """float64 RMSNorm (HF computes it in float32 even in a float64 model, docs/method.md §9, which would
     drown a 1e-5 finite difference), and one intra-op thread: these tensors are tiny, and on a
     loaded 2-core machine thread oversubscription made single ops 10-1000x slower."""
     threads = torch.get_num_threads()
@@ -260,7 +260,7 @@ def calibration(model, base, references):
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_reference_is_exact(references, name):
-    """The enumeration is complete, the identities of SPEC §2 hold, the finite difference has
+    """The enumeration is complete, the identities of docs/method.md §1–§2 hold, the finite difference has
     converged, and the top-p support is away from ties and does not move inside the FD stencil
     nor at the small step (so the exact derivative is the locally-constant-support one)."""
     ref = references[name]

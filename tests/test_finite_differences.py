@@ -1,4 +1,4 @@
-"""Predictions are derivatives of measurements (SPEC §2, §4), checked by finite differences.
+"""Predictions are derivatives of measurements (docs/method.md §4, §9), checked by finite differences.
 
 With g(s) = Ĥ(θ₀ + sΔθ) on a fixed batch E, ``predict_delta_h(...).linear`` must be g′(0) and
 ``.curvature`` g″(0), where ``measure_delta_h`` gives g(s) − g(0). In float64 the two agree to
@@ -59,7 +59,7 @@ class Setup:
 
 
 def numerics(arch: str):
-    """Float64 references need RMSNorm computed in float64 (SPEC §4); GPT-2 needs nothing."""
+    """Float64 references need RMSNorm computed in float64 (docs/method.md §9); GPT-2 needs nothing."""
     return contextlib.nullcontext() if arch == "gpt2" else float64_rmsnorm()
 
 
@@ -171,7 +171,7 @@ def _response_entropy(setup: Setup):
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_layer_norm_workaround_is_needed_and_works(setups, mode):
-    """SPEC §4: nested forward-mode AD through F.layer_norm is silently wrong in this torch
+    """docs/method.md §9: nested forward-mode AD through F.layer_norm is silently wrong in this torch
     (PyTorch #196700). Shown on GPT-2 with torch.func alone; predict_delta_h's curvature on the
     same model and step still matches finite differences, because the library avoids it."""
     setup = setups("gpt2", mode)

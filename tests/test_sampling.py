@@ -1,4 +1,4 @@
-"""The sampler (SPEC §2-§3): it samples exactly from q_θ, its log-probs are the teacher-forced
+"""The sampler (docs/method.md §1): it samples exactly from q_θ, its log-probs are the teacher-forced
 ones, it is invariant to batch size and DDP sharding, masks after EOS, and leaves the global RNG
 alone."""
 

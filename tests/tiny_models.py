@@ -57,7 +57,7 @@ def add_lora(model, r: int = 4, seed: int = 0):
 
 @contextlib.contextmanager
 def float64_rmsnorm():
-    """HF Llama/Qwen2 RMSNorm casts to float32 even in a float64 model (SPEC §4); for float64
+    """HF Llama/Qwen2 RMSNorm casts to float32 even in a float64 model (docs/method.md §9); for float64
     references, compute it in the input dtype. The function is otherwise the same."""
     from transformers.models.llama import modeling_llama
     from transformers.models.qwen2 import modeling_qwen2
