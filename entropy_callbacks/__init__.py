@@ -1,6 +1,5 @@
 """entropy-callbacks: predict (JVP) and measure (SNIS) the policy-entropy change of RL steps."""
 
-from .callback import EntropyProbe
 from .engine import entropy_estimate, measure_delta_h, predict_delta_h
 from .results import Estimate, Measurement, Prediction
 from .sampling import ProbeBatch, SamplingConfig, sample_batch
@@ -12,3 +11,13 @@ __all__ = [
     "EntropyProbe",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # The Lightning callback is imported on first use, so the math and the functions work (and
+    # import fast) without Lightning.
+    if name == "EntropyProbe":
+        from .callback import EntropyProbe
+
+        return EntropyProbe
+    raise AttributeError(f"module 'entropy_callbacks' has no attribute {name!r}")

@@ -81,3 +81,15 @@ def test_an_eos_id_of_zero_is_kept(tmp_path):
 def test_prompts_are_checked_before_training_not_at_each_probe(tmp_path):
     with pytest.raises(ValueError, match=r"prompt 1 has token ids outside \[0, 12\)"):
         fit_with(tmp_path, load_policy(tmp_path), prompts=[PROMPTS[0], [2, 40]])
+
+
+def test_the_math_and_the_functions_import_without_lightning():
+    import subprocess
+    import sys
+
+    code = ("import sys, entropy_callbacks.estimators, entropy_callbacks.engine, entropy_callbacks.step_probe\n"
+            "from entropy_callbacks import measure_delta_h, predict_delta_h, sample_batch\n"
+            "assert not [m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')], 'lightning'\n"
+            "from entropy_callbacks import EntropyProbe\n"
+            "assert 'lightning' in sys.modules and EntropyProbe.__name__ == 'EntropyProbe'\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
