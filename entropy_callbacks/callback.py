@@ -8,7 +8,6 @@ after it, and logs the record. Everything numerical happens in the framework-fre
 from __future__ import annotations
 
 import collections
-import json
 import math
 import operator
 import re
@@ -27,6 +26,7 @@ from .metrics import Calibration
 from .model_guard import preserved_rng
 from .policy import token_id, check_trainable, resolve_policy, special_tokens
 from .prompts import load_prompts, tokenize_prompts
+from .reporting import JsonlFile, custom_scalars_layout, log_to_tensorboard, summary_table
 from .sampling import SamplingConfig, check_sampling_inputs
 from .step_probe import ProbeOptions, ProbeRecord, StepProbe
 
@@ -163,7 +163,7 @@ class EntropyProbe(Callback):
         self._last_step = trainer.global_step
         self._due_step = None
         if self.jsonl and trainer.is_global_zero:
-            self._start_jsonl(self.jsonl_path(trainer), trainer.global_step)
+            JsonlFile(self.jsonl_path(trainer), self.run_id).start(trainer.global_step)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         core, step = self.core, trainer.global_step
@@ -250,10 +250,7 @@ class EntropyProbe(Callback):
         if not record.skipped and batch_e is not None:
             self._log_tensorboard(trainer, record, batch_e)
         if self.jsonl:
-            path = self.jsonl_path(trainer)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with path.open("a") as f:
-                f.write(json.dumps({"run_id": self.run_id, **record.to_json()}, allow_nan=False) + "\n")
+            JsonlFile(self.jsonl_path(trainer), self.run_id).append(record)
 
     @staticmethod
     def _log_metrics(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
@@ -269,72 +266,20 @@ class EntropyProbe(Callback):
                 return Path(logger.log_dir) / file
         return Path(trainer.default_root_dir) / file
 
-    @staticmethod
-    def _start_jsonl(path: Path, step: int) -> None:
-        """A fresh run starts the file anew; a resumed one keeps the records before the step it
-        resumes from and drops the abandoned branch's later ones."""
-        if not path.exists():
-            return
-        kept = [] if step == 0 else [line for line in path.read_text().splitlines()
-                                     if line.strip() and json.loads(line)["step"] < step]
-        path.write_text("".join(line + "\n" for line in kept))
-
     def _log_tensorboard(self, trainer: pl.Trainer, record: ProbeRecord, batch_e) -> None:
+        decode = self.tokenizer.decode if self.tokenizer is not None else str
         for logger in trainer.loggers:
             if not isinstance(logger, TensorBoardLogger):
                 continue
             writer = logger.experiment
             if not self._layout_written:
-                writer.add_custom_scalars(self.custom_scalars_layout())
+                writer.add_custom_scalars(custom_scalars_layout(self.prefix, self.options.order))
                 self._layout_written = True
-            writer.add_histogram(f"{self.prefix}per_sequence_linear", torch.tensor(record.per_sequence_linear),
-                                 record.step)
-            if self.log_samples:
-                writer.add_text(f"{self.prefix}samples", self._samples_markdown(batch_e), record.step)
-
-    def custom_scalars_layout(self) -> dict:
-        """TensorBoard's custom-scalars charts. Multiline tags are regexes that TensorBoard matches
-        at the start of every tag, so each is escaped and anchored to one tag exactly."""
-        tag = lambda name: f"^{re.escape(self.prefix + name)}$"  # noqa: E731
-        margin = lambda name: [self.prefix + name, self.prefix + name + "_lower", self.prefix + name + "_upper"]  # noqa: E731
-        predicted = ["delta_measured", "delta_linear"] + (["delta_quadratic"] if self.options.order == 2 else [])
-        return {self.prefix.rstrip("/"): {
-            "ΔH predicted vs measured": ["Multiline", [tag(n) for n in predicted]],
-            "ΔH measured ± 2 SE": ["Margin", margin("delta_measured")],
-            "Entropy Ĥ ± 2 SE": ["Margin", margin("before")],
-            "Relative Taylor error |measured − predicted| / |measured|": ["Multiline", [tag("taylor_error_relative")]],
-        }}
-
-    def _samples_markdown(self, batch_e) -> str:
-        rows = []
-        for i in range(min(self.log_samples, len(batch_e))):
-            ids = batch_e.input_ids[i][batch_e.response_mask[i]].tolist()
-            prompt = batch_e.input_ids[i][batch_e.attention_mask[i].bool() & ~batch_e.response_mask[i]].tolist()
-            decode = (lambda t: self.tokenizer.decode(t)) if self.tokenizer is not None else str
-            rows.append(f"**prompt {int(batch_e.group[i])}**: `{decode(prompt)}` → `{decode(ids)}`")
-        return "  \n".join(rows)
+            log_to_tensorboard(writer, self.prefix, record, batch_e, self.log_samples,
+                               self.options.responses_per_prompt, decode)
 
     def summary_table(self) -> str:
-        c = self.calibration.compute()
-        quadratic = self.options.order == 2
-        number = lambda value, spec: "—" if math.isnan(value) else format(value, spec)  # noqa: E731
-        counts = f"errors {self.probe_errors}, skipped {self.skipped_steps}, non-finite {int(c['non_finite'])}"
-        lines = ["EntropyProbe calibration over the run",
-                 f"  probes                 {int(c['count'])}  ({counts})"]
-        if not c["count"]:
-            lines.append("  no probe gave a usable pair of prediction and measurement"
-                         + ("; every probe failed (see the warnings)" if self.probe_errors else ""))
-            return "\n".join(lines)
-        lines.append(f"  Pearson r  linear      {number(c['pearson_linear'], '.4f')}")
-        if quadratic:
-            lines.append(f"  Pearson r  quadratic   {number(c['pearson_quadratic'], '.4f')}")
-        lines.append(f"  MAE        linear      {number(c['mae_linear'], '.3e')}")
-        if quadratic:
-            lines.append(f"  MAE        quadratic   {number(c['mae_quadratic'], '.3e')}")
-        lines += [f"  sign agreement         {number(c['sign_agreement'], '.3f')}   "
-                  f"(of the {'quadratic' if quadratic else 'linear'} prediction)",
-                  f"  |pred - meas| <= 2 SE  {number(c['coverage_2se'], '.3f')}"]
-        return "\n".join(lines)
+        return summary_table(self.calibration, self.options.order, self.probe_errors, self.skipped_steps)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

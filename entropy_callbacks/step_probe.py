@@ -17,6 +17,7 @@ from typing import Literal, Sequence
 
 import torch
 
+from . import estimators
 from .engine import (check_options, check_order, concat_terms, measurement_terms, prediction_terms,
                      summarize_measurement, summarize_prediction)
 from .params import check_scales
@@ -88,6 +89,7 @@ class ProbeRecord:
     num_sequences: int = 0
     num_tokens: int = 0
     per_sequence_linear: list[float] = field(default_factory=list)
+    per_sequence_weight: list[float] = field(default_factory=list)  # SNIS weight at s = 1, mean 1
 
     def metrics(self, truncates: bool, prefix: str = "entropy/") -> dict[str, float]:
         """Scalars under the ``prefix`` tags (``entropy/`` by default)."""
@@ -127,6 +129,13 @@ class ProbeRecord:
         """A dict for strict JSON: NaN becomes None (null)."""
         clean = lambda v: None if isinstance(v, float) and math.isnan(v) else v  # noqa: E731
         return {k: [clean(x) for x in v] if isinstance(v, list) else clean(v) for k, v in asdict(self).items()}
+
+
+def relative_weights(terms) -> torch.Tensor:
+    """SNIS weights at s = 1 (the real step) divided by their mean: 1 everywhere when the step
+    changed nothing, far from 1 for the sequences it made much more or less likely."""
+    weights = estimators.snis_weights(terms.log_prob[0], terms.log_prob_origin)
+    return weights / weights.mean()
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -256,4 +265,5 @@ class StepProbe:
             num_sequences=int(prediction.group.numel()),
             num_tokens=int(prediction.token_counts.sum()),
             per_sequence_linear=predicted.per_sequence_linear.tolist(),
+            per_sequence_weight=relative_weights(measurement).tolist(),
         )

@@ -549,7 +549,15 @@ def test_tensorboard_event_file_and_jsonl(tmp_path):
     texts = accumulator.Tensors(text_tags[0])
     assert sorted(e.step for e in texts) == probe_steps
     first = texts[0].tensor_proto.string_val[0].decode()
-    assert "prompt 0" in first
+    header, rule, *rows = first.splitlines()
+    assert header == "| prompt | response | a_i (share of g′) | SNIS weight | tokens |"
+    prompts_shown = [row.split("|")[1].split(":")[0].strip() for row in rows]
+    assert prompts_shown == ["0", str(len(PROMPTS) - 1)]  # log_samples=2: different prompts, spread over E
+    record = entropy_probe.records[0]
+    for row, g in zip(rows, prompts_shown):
+        a = float(row.split("|")[3].split()[0])
+        group = record.per_sequence_linear[int(g) * 2:int(g) * 2 + 2]  # R = 2
+        assert a == pytest.approx(max(group, key=abs), rel=1e-2)
 
     # custom-scalars layout: stored as a tensor summary, tag "custom_scalars__config__",
     # plugin "custom_scalars", holding a serialized Layout proto
