@@ -61,6 +61,8 @@ class EntropyProbe(Callback):
         log_samples: how many decoded responses of E to log as TensorBoard text.
         jsonl: write every probe to ``entropy_probe.jsonl`` in the logger's directory.
         eos_token_id, pad_token_id: default from the policy's config / tokenizer.
+        figure_every: log the calibration and entropy pictures to TensorBoard every this many
+            probes (0: never); both are also saved as PNGs in the log directory at the end of fit.
         name: tells several EntropyProbes in one Trainer apart (e.g. one per prompt set): their
             tags go under ``entropy/<name>/``, their records to ``entropy_probe_<name>.jsonl``,
             and their checkpointed state under their own key.
@@ -87,6 +89,7 @@ class EntropyProbe(Callback):
         jsonl: bool = True,
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
+        figure_every: int = 10,
         name: str | None = None,
     ) -> None:
         self.options = ProbeOptions(
@@ -100,6 +103,9 @@ class EntropyProbe(Callback):
         if name is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
             raise ValueError(f"name must be letters, digits, '_', '.' or '-' (it becomes a tag and a file name), "
                              f"got {name!r}")
+        if isinstance(figure_every, bool) or not isinstance(figure_every, int) or figure_every < 0:
+            raise ValueError(f"figure_every must be an integer >= 0 (0: no figures in TensorBoard), got {figure_every!r}")
+        self.figure_every = figure_every
         self.name = name
         self.prefix = "entropy/" if name is None else f"entropy/{name}/"
         self.prompts = load_prompts(prompts)
@@ -192,6 +198,8 @@ class EntropyProbe(Callback):
         attempted = self.calibration.history or self.calibration.non_finite or self.probe_errors or self.skipped_steps
         if self.print_summary and trainer.is_global_zero and attempted:
             rank_zero_info(self.summary_table())
+        if trainer.is_global_zero and any(not r.skipped for r in self.records):
+            self._save_figures(trainer)
 
     # ------------------------------------------------------------------ internals
     def _contained(self, step: int, action):
@@ -277,6 +285,26 @@ class EntropyProbe(Callback):
                 self._layout_written = True
             log_to_tensorboard(writer, self.prefix, record, batch_e, self.log_samples,
                                self.options.responses_per_prompt, decode)
+            probes = sum(not r.skipped for r in self.records)
+            if self.figure_every and probes % self.figure_every == 0:
+                from .figures import calibration_figure, entropy_figure
+
+                writer.add_figure(f"{self.prefix}calibration", calibration_figure(self.records), record.step)
+                writer.add_figure(f"{self.prefix}entropy_over_run", entropy_figure(self.records), record.step)
+
+    def figure_paths(self, trainer: pl.Trainer) -> tuple[Path, Path]:
+        """Where the end-of-fit pictures go: beside the JSONL file."""
+        suffix = "" if self.name is None else f"_{self.name}"
+        directory = self.jsonl_path(trainer).parent
+        return directory / f"entropy_calibration{suffix}.png", directory / f"entropy_over_run{suffix}.png"
+
+    def _save_figures(self, trainer: pl.Trainer) -> None:
+        from .figures import calibration_figure, entropy_figure, save
+
+        calibration, entropy = self.figure_paths(trainer)
+        calibration.parent.mkdir(parents=True, exist_ok=True)
+        save(calibration_figure(self.records), calibration)
+        save(entropy_figure(self.records), entropy)
 
     def summary_table(self) -> str:
         return summary_table(self.calibration, self.options.order, self.probe_errors, self.skipped_steps)

@@ -310,10 +310,35 @@ def run_experiment(module, experiment: ProbeExperiment, ckpt_path: str | None = 
                 writer.add_scalar(f"probe/linear@{tag}", row["linear"], trial)
                 if row["quadratic"] is not None:
                     writer.add_scalar(f"probe/quadratic@{tag}", row["quadratic"], trial)
-    writer.close()
     results = {"trials": trials, "aggregate": aggregate(trials, list(experiment.scales))}
+    _report_by_scale(writer, out, results["aggregate"])
+    writer.close()
     (out / "results.json").write_text(_json(results, indent=2))
     return out
+
+
+def _report_by_scale(writer, out: Path, summary: dict) -> None:
+    """ΔH against the step scale: a log–log picture (PNG and TensorBoard) and custom-scalar
+    charts whose x axis is the scale's index in the sweep (TensorBoard steps are integers)."""
+    from .figures import save, scale_figure
+
+    rows = summary["per_scale"]
+    column = lambda name: [row[name] for row in rows]  # noqa: E731
+    quadratic = [q if math.isfinite(q) else None for q in column("quadratic")]
+    save(scale_figure(column("scale"), column("measured"), column("measured_across_trials_se"), column("linear"),
+                      quadratic), out / "delta_vs_scale.png")
+    writer.add_figure("probe/delta_vs_scale", scale_figure(column("scale"), column("measured"),
+                                                           column("measured_across_trials_se"), column("linear"),
+                                                           quadratic), 0)
+    for index, row in enumerate(rows):
+        for name in ("measured", "linear", "quadratic"):
+            if math.isfinite(row[name]):
+                writer.add_scalar(f"probe/by_scale/{name}", row[name], index)
+        writer.add_scalar("probe/by_scale/scale", row["scale"], index)
+    names = ("measured", "linear") + (("quadratic",) if all(q is not None for q in quadratic) else ())
+    writer.add_custom_scalars({"probe": {
+        "mean ΔH over trials by scale index (probe/by_scale/scale gives each index's scale)":
+            ["Multiline", [f"^probe/by_scale/{name}$" for name in names]]}})
 
 
 def _finite_or_none(value):

@@ -503,7 +503,7 @@ def test_tensorboard_event_file_and_jsonl(tmp_path):
     policy = load_policy(tmp_path)
     module = TinyPolicyModule(policy, lr=1e-2)
     entropy_probe = probe(every_n_steps=2, scales=[1.0, 2.0], responses_per_prompt=2, log_samples=2,
-                          sampling=SamplingConfig(max_new_tokens=5, top_p=0.9))
+                          sampling=SamplingConfig(max_new_tokens=5, top_p=0.9), figure_every=2)
     logger = TensorBoardLogger(save_dir=str(tmp_path), name="tb", version=0)
     trainer = make_trainer(tmp_path, max_steps=3, logger=logger, callbacks=[entropy_probe])
     pl.seed_everything(0, verbose=False)
@@ -558,6 +558,12 @@ def test_tensorboard_event_file_and_jsonl(tmp_path):
         a = float(row.split("|")[3].split()[0])
         group = record.per_sequence_linear[int(g) * 2:int(g) * 2 + 2]  # R = 2
         assert a == pytest.approx(max(group, key=abs), rel=1e-2)
+
+    # pictures: in TensorBoard every figure_every probes, and as PNGs beside the JSONL at the end
+    assert {"entropy/calibration", "entropy/entropy_over_run"} <= set(tags["images"])
+    assert [e.step for e in accumulator.Images("entropy/calibration")] == [2]
+    for png in entropy_probe.figure_paths(trainer):
+        assert png.parent == Path(logger.log_dir) and png.read_bytes()[:4] == b"\x89PNG"
 
     # custom-scalars layout: stored as a tensor summary, tag "custom_scalars__config__",
     # plugin "custom_scalars", holding a serialized Layout proto

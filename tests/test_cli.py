@@ -165,6 +165,9 @@ def test_probe_from_the_fit_checkpoint(fit_run, tmp_path):
     assert "loglog_slope_trial_mean" in aggregate
     lines = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
     assert lines == trials
+    assert (out / "delta_vs_scale.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    by_scale = set(_scalar_tags(out))
+    assert {"probe/by_scale/measured", "probe/by_scale/linear", "probe/by_scale/scale"} <= by_scale
 
     # TensorBoard events, one point per trial
     scalars = _scalar_tags(out)
