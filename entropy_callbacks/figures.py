@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # no display; figures go to PNG files and TensorBoard
 
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 
 from .step_probe import ProbeRecord  # noqa: E402
 
@@ -78,6 +79,8 @@ def scale_figure(scales: Sequence[float], measured: Sequence[float], measured_se
         ax.plot(scales, [abs(q) for q in quadratic], ":", color="tab:green", lw=2, label="quadratic")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    ax.set_xticks(list(scales), [f"{x:g}" for x in scales])  # the sweep's scales, not log minor ticks
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("step scale s")
     ax.set_ylabel("|ΔH| (nats/token)")
     ax.set_title("Entropy change against step scale")
