@@ -130,6 +130,8 @@ class EntropyProbe(Callback):
         self._last_step = 0  # global_step at the last on_train_batch_end
         self._failure: str | None = None
         self._last_batch = None
+        self._capture_handle = None  # the optimizer step hook of a probe in flight
+        self._finished: set[int] = set()  # probes finished before their batch ended
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -157,8 +159,11 @@ class EntropyProbe(Callback):
                               prompt_indices=indices)
 
     # ------------------------------------------------------------------ hooks
-    # Protocol: the probe of step t begins in on_before_optimizer_step (θ₀, before the step)
-    # and ends in the first on_train_batch_end after global_step passes t. Under DDP every rank
+    # Protocol: the probe of step t begins in on_before_optimizer_step (θ₀, before the step),
+    # takes Δθ when that optimizer's step() returns (a step post-hook), and ends in the first
+    # on_train_batch_end after global_step passes t — or at the next step's
+    # on_before_optimizer_step when one batch takes several steps (manual optimization), so each
+    # real step is probed on its own. Under DDP every rank
     # with a due probe joins one all_gather of its share (or None if it failed), so a failure
     # on one rank makes all ranks skip that probe together instead of hanging.
     @property
@@ -173,11 +178,32 @@ class EntropyProbe(Callback):
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         core, step = self.core, trainer.global_step
-        if core is None or self._due_step is not None or not core.due(step):
+        if core is None:
+            return
+        if self._due_step is not None and self._due_step < step:  # a step earlier in this batch
+            finished, self._due_step = self._due_step, None
+            self._finished.add(finished)
+            self._finish_probe(trainer, finished)
+        if self._due_step is not None or not core.due(step):
             return
         self._due_step = step
         lr = float(optimizer.param_groups[0]["lr"]) if optimizer.param_groups else math.nan
         self._last_batch = self._contained(step, lambda: core.begin(self.policy, step, lr))
+        if core.pending is not None:
+            # Δθ is taken the moment this optimizer's step returns, whatever runs before the batch
+            # ends. A step skipped by an AMP scaler never returns from step(): Δθ is then read at
+            # the batch end, and is 0.
+            def captured(*args, **kwargs) -> None:  # removed when the probe finishes, not in here
+                if core.pending is not None and core.pending.step == step:
+                    self._contained(step, lambda: core.capture(self.policy))
+
+            torch_optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer's own
+            self._capture_handle = torch_optimizer.register_step_post_hook(captured)
+
+    def _release_capture(self) -> None:
+        if self._capture_handle is not None:
+            self._capture_handle.remove()
+            self._capture_handle = None
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
@@ -185,7 +211,10 @@ class EntropyProbe(Callback):
             return
         completed = range(self._last_step, trainer.global_step)
         self._last_step = trainer.global_step
+        finished, self._finished = self._finished, set()
         for step in completed:  # empty until an optimizer step happens (gradient accumulation)
+            if step in finished:
+                continue
             if step == self._due_step:
                 self._due_step = None
                 self._finish_probe(trainer, step)
@@ -215,6 +244,7 @@ class EntropyProbe(Callback):
             return None
 
     def _finish_probe(self, trainer: pl.Trainer, step: int) -> None:
+        self._release_capture()
         core = self.core
         local = self._contained(step, lambda: core.measure_local(self.policy)) if core.pending else None
         parts = self._gather(trainer, local)

@@ -153,6 +153,7 @@ class _Pending:
     lr: float
     started: float
     seconds: float
+    delta: dict[str, torch.Tensor] | None = None  # Δθ taken right after the step (``capture``)
 
 
 @dataclass
@@ -198,14 +199,21 @@ class StepProbe:
     def cancel(self) -> None:
         self.pending = None
 
+    def capture(self, model: torch.nn.Module) -> None:
+        """Right after the optimizer step: take Δθ = θ₁ − θ₀ now, so that later steps before
+        ``measure_local`` (two ``opt.step()`` in one manual-optimization batch) do not enter it."""
+        if self.pending is not None and self.pending.delta is None:
+            self.pending.delta = step_delta(model, self.pending.before)
+
     def measure_local(self, model: torch.nn.Module) -> "LocalTerms":
-        """After the optimizer step: Δθ, and the per-sequence terms of this rank's share of E."""
+        """After the optimizer step: Δθ (as captured, else θ now − θ₀), and the per-sequence
+        terms of this rank's share of E."""
         pending, self.pending = self.pending, None
         if pending is None:
             raise RuntimeError("measure_local() called without begin()")
         started = time.perf_counter()
         o = self.options
-        delta = step_delta(model, pending.before)
+        delta = pending.delta if pending.delta is not None else step_delta(model, pending.before)
         local = LocalTerms(step=pending.step, lr=pending.lr, step_norm=step_norm(delta), seconds=pending.seconds)
         if is_skipped(delta):
             local.skipped = True

@@ -822,3 +822,39 @@ def test_two_named_probes_run_side_by_side(tmp_path):
     assert {math_probe.state_key, code_probe.state_key} <= set(saved) and math_probe.state_key != code_probe.state_key
     with pytest.raises(ValueError, match="name must be letters"):
         probe(name="has space")
+
+
+class TwoStepsPerBatch(TinyPolicyModule):
+    """Manual optimization: two optimizer steps in every training_step, with θ kept around each."""
+
+    def __init__(self, policy, lr: float = 1e-2):
+        super().__init__(policy, lr=lr)
+        self.automatic_optimization = False
+        self.thetas: list[dict[str, torch.Tensor]] = []
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        (tokens,) = batch
+        for half in (tokens[: len(tokens) // 2], tokens[len(tokens) // 2:]):
+            logits = self.policy(input_ids=half, use_cache=False).logits[:, :-1]
+            logp = torch.log_softmax(logits.float(), -1).gather(-1, half[:, 1:, None]).squeeze(-1)
+            opt.zero_grad()
+            self.manual_backward(-(torch.randn(len(half), 1) * logp).mean())
+            self.thetas.append({n: p.detach().clone() for n, p in self.policy.named_parameters()})
+            opt.step()
+        self.thetas.append({n: p.detach().clone() for n, p in self.policy.named_parameters()})
+
+
+def test_manual_optimization_probes_each_real_step(tmp_path):
+    module = TwoStepsPerBatch(load_policy(tmp_path).eval())  # eval: no dropout between the snapshots
+    entropy_probe = probe(every_n_steps=1, order=1)
+    trainer = make_trainer(tmp_path, max_steps=4, callbacks=[entropy_probe])
+    trainer.fit(module, random_token_loader(num=16, batch_size=8))
+    records = list(entropy_probe.records)
+    assert [(r.step, r.skipped) for r in records] == [(0, False), (1, False), (2, False), (3, False)]
+    # θ before each step: thetas[0], [1] in batch 0 (then [2] after both), [3], [4] in batch 1
+    befores = [module.thetas[i] for i in (0, 1, 3, 4)]
+    afters = [module.thetas[i] for i in (1, 2, 4, 5)]
+    for record, before, after in zip(records, befores, afters):
+        norm = math.sqrt(sum(float((after[n].double() - before[n].double()).square().sum()) for n in before))
+        assert record.step_norm == pytest.approx(norm, rel=1e-6)
