@@ -104,8 +104,13 @@ class JsonlFile:
 
 def log_to_tensorboard(writer, prefix: str, record: ProbeRecord, batch_e, samples: int, responses_per_prompt: int,
                        decode=str) -> None:
-    """The per-probe extras beyond scalars: a histogram of the a_i and the text samples."""
-    writer.add_histogram(f"{prefix}per_sequence_linear", torch.tensor(record.per_sequence_linear), record.step)
+    """The per-probe extras beyond scalars: a histogram of the a_i and the text samples.
+
+    The histogram holds each a_i as a percentage of |g′(0)| (they sum to ±100): raw a_i of
+    1e-7…1e-4 nats give TensorBoard axis labels too long to read."""
+    if record.delta_linear:
+        shares = torch.tensor(record.per_sequence_linear, dtype=torch.float64) * (100 / abs(record.delta_linear))
+        writer.add_histogram(f"{prefix}per_sequence_share_pct", shares, record.step)
     if samples and batch_e is not None:
         writer.add_text(f"{prefix}samples", samples_markdown(batch_e, record, samples, responses_per_prompt, decode),
                         record.step)

@@ -533,14 +533,14 @@ def test_tensorboard_event_file_and_jsonl(tmp_path):
             assert events[line["step"]] == pytest.approx(float(np.float32(want)), rel=1e-6, abs=1e-30), tag
     assert any(line["outside_support"][0] > 0 for line in lines)  # top_p < 1 really truncated
 
-    # histogram of the per-sequence linear contributions (sum = ΔH linear)
-    assert "entropy/per_sequence_linear" in tags["histograms"]
-    histograms = {e.step: e.histogram_value for e in accumulator.Histograms("entropy/per_sequence_linear")}
+    # histogram of the per-sequence linear contributions, in % of |ΔH linear| (they sum to ±100)
+    assert "entropy/per_sequence_share_pct" in tags["histograms"]
+    histograms = {e.step: e.histogram_value for e in accumulator.Histograms("entropy/per_sequence_share_pct")}
     assert sorted(histograms) == probe_steps
     for line in lines:
         histogram = histograms[line["step"]]
         assert histogram.num == line["num_sequences"] == 2 * len(PROMPTS)
-        assert histogram.sum == pytest.approx(line["delta_linear"], rel=1e-5, abs=1e-9)
+        assert histogram.sum == pytest.approx(math.copysign(100, line["delta_linear"]), rel=1e-5)
 
     # text samples
     text_tags = [t for t in tags["tensors"] if t.startswith("entropy/samples")]
