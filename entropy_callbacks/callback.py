@@ -26,7 +26,7 @@ from .metrics import Calibration
 from .model_guard import preserved_rng
 from .policy import token_id, check_trainable, resolve_policy, special_tokens
 from .prompts import load_prompts, tokenize_prompts
-from .reporting import JsonlFile, custom_scalars_layout, log_to_tensorboard, summary_table
+from .reporting import JsonlFile, SeriesRuns, custom_scalars_layout, log_to_tensorboard, summary_table
 from .sampling import SamplingConfig, check_sampling_inputs
 from .step_probe import ProbeOptions, ProbeRecord, StepProbe
 
@@ -132,6 +132,7 @@ class EntropyProbe(Callback):
         self._last_batch = None
         self._capture_handle = None  # the optimizer step hook of a probe in flight
         self._finished: set[int] = set()  # probes finished before their batch ended
+        self._series: SeriesRuns | None = None
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -223,6 +224,11 @@ class EntropyProbe(Callback):
                 # skipped optimizer.step()): nothing moved that the probe saw.
                 self._publish(trainer, ProbeRecord(step=step, skipped=True), None)
 
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._series is not None:
+            self._series.close()
+            self._series = None
+
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         attempted = self.calibration.history or self.calibration.non_finite or self.probe_errors or self.skipped_steps
         if self.print_summary and trainer.is_global_zero and attempted:
@@ -311,8 +317,11 @@ class EntropyProbe(Callback):
                 continue
             writer = logger.experiment
             if not self._layout_written:
-                writer.add_custom_scalars(custom_scalars_layout(self.prefix, self.options.order))
+                writer.add_custom_scalars(custom_scalars_layout(self.prefix))
                 self._layout_written = True
+            if self._series is None:
+                self._series = SeriesRuns(Path(logger.log_dir), self.prefix)
+            self._series.log(record)
             log_to_tensorboard(writer, self.prefix, record, batch_e, self.log_samples,
                                self.options.responses_per_prompt, decode)
             probes = sum(not r.skipped for r in self.records)

@@ -14,14 +14,18 @@ from .metrics import Calibration
 from .step_probe import ProbeRecord
 
 
-def custom_scalars_layout(prefix: str, order: int) -> dict:
+SERIES_DIR = "delta_H"  # under the logger's directory: one TensorBoard run per ΔH series
+
+
+def custom_scalars_layout(prefix: str) -> dict:
     """TensorBoard's custom-scalars charts. Multiline tags are regexes that TensorBoard matches at
-    the start of every tag (``re.match``), so each is escaped and anchored to exactly one tag."""
+    the start of every tag (``re.match``), so each is escaped and anchored to exactly one tag.
+    "ΔH predicted vs measured" draws the one tag ``<prefix>delta`` of the runs ``delta_H/measured``,
+    ``/linear`` and ``/quadratic`` (``SeriesRuns``): TensorBoard colours a chart's lines by run."""
     tag = lambda name: f"^{re.escape(prefix + name)}$"  # noqa: E731
     margin = lambda name: [prefix + name, prefix + name + "_lower", prefix + name + "_upper"]  # noqa: E731
-    predicted = ["delta_measured", "delta_linear"] + (["delta_quadratic"] if order == 2 else [])
     return {prefix.rstrip("/"): {
-        "ΔH predicted vs measured": ["Multiline", [tag(n) for n in predicted]],
+        "ΔH predicted vs measured": ["Multiline", [tag("delta")]],
         "ΔH measured ± 2 SE": ["Margin", margin("delta_measured")],
         "Entropy Ĥ ± 2 SE": ["Margin", margin("before")],
         "Relative Taylor error |measured − predicted| / |measured|": ["Multiline", [tag("taylor_error_relative")]],
@@ -79,6 +83,31 @@ def summary_table(calibration: Calibration, order: int, probe_errors: int, skipp
               f"(of the {'quadratic' if quadratic else 'linear'} prediction)",
               f"  |pred - meas| <= 2 SE  {number(c['coverage_2se'], '.3f')}"]
     return "\n".join(lines)
+
+
+class SeriesRuns:
+    """ΔH measured, linear and quadratic as one tag in three runs under ``<log_dir>/delta_H``, so
+    that one chart shows them in three colours (the main run keeps its own tags too)."""
+
+    def __init__(self, log_dir: Path, prefix: str) -> None:
+        self.root, self.prefix, self.writers = Path(log_dir) / SERIES_DIR, prefix, {}
+
+    def log(self, record: ProbeRecord) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        for series, value in (("measured", record.delta_measured), ("linear", record.delta_linear),
+                              ("quadratic", record.delta_quadratic)):
+            if value is None or not math.isfinite(value):
+                continue
+            if series not in self.writers:
+                self.writers[series] = SummaryWriter(str(self.root / series))
+            self.writers[series].add_scalar(f"{self.prefix}delta", value, record.step)
+            self.writers[series].flush()
+
+    def close(self) -> None:
+        for writer in self.writers.values():
+            writer.close()
+        self.writers.clear()
 
 
 class JsonlFile:

@@ -575,13 +575,21 @@ def test_tensorboard_event_file_and_jsonl(tmp_path):
     scalars = set(tags["scalars"])
     # Multiline tags are regexes; TensorBoard's custom-scalars plugin keeps the tags t with
     # re.compile(pattern).match(t). Each pattern must pick exactly the one tag it names.
+    series = {}  # "ΔH predicted vs measured": one tag in three runs, so three colours
+    for name in ("measured", "linear", "quadratic"):
+        run = event_accumulator.EventAccumulator(str(Path(logger.log_dir) / "delta_H" / name))
+        run.Reload()
+        scalars |= set(run.Tags()["scalars"])
+        series[name] = {e.step: e.value for e in run.Scalars("entropy/delta")}
     matched = {title: [[t for t in scalars if re.compile(p).match(t)] for p in chart.multiline.tag]
                for title, chart in charts.items() if chart.HasField("multiline")}
     assert matched == {
-        "ΔH predicted vs measured": [["entropy/delta_measured"], ["entropy/delta_linear"],
-                                     ["entropy/delta_quadratic"]],
+        "ΔH predicted vs measured": [["entropy/delta"]],
         "Relative Taylor error |measured − predicted| / |measured|": [["entropy/taylor_error_relative"]],
     }
+    for name in ("measured", "linear", "quadratic"):
+        assert series[name] == {line["step"]: pytest.approx(float(np.float32(line[f"delta_{name}"])), rel=1e-6)
+                                for line in lines}
     # Margin series name tags exactly (value, lower, upper), and every one is logged.
     margins = {title: [(s.value, s.lower, s.upper) for s in chart.margin.series]
                for title, chart in charts.items() if chart.HasField("margin")}
