@@ -826,6 +826,7 @@ def test_two_named_probes_run_side_by_side(tmp_path):
     assert not any(t.startswith("entropy/delta") for t in tags)
     assert [r.step for r in math_probe.records] == [r.step for r in code_probe.records] == [0, 1]
     assert math_probe.records[0].entropy_before != code_probe.records[0].entropy_before
+    assert math_probe._last_batch is None and math_probe.core.pending is None  # E is not kept between probes
     saved = torch.load(tmp_path / "ckpt" / "step=2.ckpt", weights_only=False)["callbacks"]
     assert {math_probe.state_key, code_probe.state_key} <= set(saved) and math_probe.state_key != code_probe.state_key
     with pytest.raises(ValueError, match="name must be letters"):

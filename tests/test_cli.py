@@ -108,6 +108,8 @@ def test_fit_default_config_end_to_end(fit_run):
     assert FIT_TAGS <= set(scalars), sorted(FIT_TAGS - set(scalars))
     assert [e.step for e in scalars["entropy/delta_measured"]] == [0, 10]
     assert all(math.isfinite(e.value) for tag in FIT_TAGS for e in scalars[tag])
+    assert "hp_metric" not in scalars  # no meaningless -1 card
+    assert (log_dir / "entropy_calibration.png").exists() and (log_dir / "entropy_over_run.png").exists()
     records = [json.loads(line) for line in (log_dir / "entropy_probe.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 10]
     assert all(r["num_sequences"] == 20 * 4 for r in records)  # E = 20 held-out prompts x 4 (override)
