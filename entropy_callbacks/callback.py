@@ -234,7 +234,7 @@ class EntropyProbe(Callback):
         if self.print_summary and trainer.is_global_zero and attempted:
             rank_zero_info(self.summary_table())
         if trainer.is_global_zero and any(not r.skipped for r in self.records):
-            self._save_figures(trainer)
+            self._reported(lambda: self._save_figures(trainer), "the end-of-fit pictures")
 
     # ------------------------------------------------------------------ internals
     def _contained(self, step: int, action):
@@ -292,9 +292,19 @@ class EntropyProbe(Callback):
             return
         self._log_metrics(trainer, metrics, record.step)
         if not record.skipped and batch_e is not None:
-            self._log_tensorboard(trainer, record, batch_e)
+            self._reported(lambda: self._log_tensorboard(trainer, record, batch_e), "TensorBoard extras")
         if self.jsonl:
-            JsonlFile(self.jsonl_path(trainer), self.run_id).append(record)
+            self._reported(lambda: JsonlFile(self.jsonl_path(trainer), self.run_id).append(record), "the JSONL file")
+
+    def _reported(self, action, what: str) -> None:
+        """Writing a report (a figure, a file) never ends the training run (on_error='raise' aside)."""
+        try:
+            action()
+        except Exception as error:  # noqa: BLE001 - reporting must not kill training
+            if self.on_error == "raise":
+                raise
+            warnings.warn(f"EntropyProbe: writing {what} failed ({type(error).__name__}: {error}); training continues",
+                          RuntimeWarning, stacklevel=2)
 
     @staticmethod
     def _log_metrics(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:

@@ -867,3 +867,19 @@ def test_manual_optimization_probes_each_real_step(tmp_path):
     for record, before, after in zip(records, befores, afters):
         norm = math.sqrt(sum(float((after[n].double() - before[n].double()).square().sum()) for n in before))
         assert record.step_norm == pytest.approx(norm, rel=1e-6)
+
+
+def test_a_failing_report_does_not_end_training(tmp_path, monkeypatch):
+    import entropy_callbacks.figures as figures
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(figures, "save", broken)
+    monkeypatch.setattr(figures, "calibration_figure", broken)
+    entropy_probe = probe(every_n_steps=1, figure_every=1)
+    logger = TensorBoardLogger(save_dir=str(tmp_path), name="tb", version=0)
+    trainer = make_trainer(tmp_path, max_steps=2, logger=logger, callbacks=[entropy_probe])
+    with pytest.warns(RuntimeWarning, match="disk full"):
+        trainer.fit(TinyPolicyModule(load_policy(tmp_path)), random_token_loader(num=16, batch_size=8))
+    assert trainer.global_step == 2 and [r.step for r in entropy_probe.records] == [0, 1]
