@@ -296,7 +296,21 @@ def summarize_prediction(terms: PredictionTerms, normalize: str) -> Prediction:
         quadratic=quadratic,
         per_sequence_linear=taylor.per_sequence_linear,
         curvature_se=taylor.curvature_se,
+        quadratic_se=taylor.quadratic_se,
     )
+
+
+def taylor_gap(prediction: PredictionTerms, measurement: MeasurementTerms, normalize: str,
+               scale_index: int = 0) -> tuple[float, float]:
+    """Measured ΔH at ``measurement``'s scale ``scale_index`` (s = 1) minus its best prediction,
+    and the jackknife SE of that paired difference (``estimators.taylor_error``)."""
+    norm = estimators.normaliser(measurement.token_counts, normalize)
+    weights = estimators.snis_weights(measurement.log_prob[scale_index], measurement.log_prob_origin)
+    measured = estimators.shift_columns(weights, measurement.integrand[scale_index], measurement.integrand_origin,
+                                        norm)
+    taylor = estimators.taylor_terms(prediction.integrand, norm, prediction.d_log_prob, prediction.d_integrand,
+                                     prediction.group, prediction.d2_log_prob, prediction.d2_integrand)
+    return estimators.taylor_error(measured, taylor.columns, prediction.group)
 
 
 def predict_delta_h(model, batch: ProbeBatch, base: Mapping[str, Tensor], delta: Mapping[str, Tensor], *,

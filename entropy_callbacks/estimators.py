@@ -103,20 +103,27 @@ class ShiftTerms:
     ess_fraction: float
 
 
+def _delta(sums: Tensor) -> Tensor:
+    # columns of shift_columns: 0 w·f(θ_s), 1 w·c, 2 f(θ₀), 3 c
+    return sums[..., 0] / sums[..., 1] - sums[..., 2] / sums[..., 3]
+
+
+def shift_columns(weights: Tensor, integrand: Tensor, integrand_origin: Tensor, norm: Tensor) -> Tensor:
+    """Per-sequence columns [w f(θ_s), w c, f(θ₀), c] whose sums give ΔH(s) (``_delta``)."""
+    w = _f64(weights)
+    # 0·∞ guard: a sequence with weight 0 contributes nothing even if f_i(θ) is infinite.
+    weighted_f = torch.where(w > 0, w * _f64(integrand), 0.0)
+    return torch.stack([weighted_f, w * _f64(norm), _f64(integrand_origin), _f64(norm)], 1)
+
+
 def measured_shift(weights: Tensor, integrand: Tensor, integrand_origin: Tensor, norm: Tensor,
                    group: Tensor) -> ShiftTerms:
     """ΔH(s) = Σ w f(θ_s) / Σ w c − Σ f(θ₀) / Σ c, with ESS = (Σw)² / Σw² / N."""
     w = _f64(weights)
-    # 0·∞ guard: a sequence with weight 0 contributes nothing even if f_i(θ) is infinite.
-    weighted_f = torch.where(w > 0, w * _f64(integrand), 0.0)
-    columns = torch.stack([weighted_f, w * _f64(norm), _f64(integrand_origin), _f64(norm)], 1)
-
-    def delta(sums: Tensor) -> Tensor:
-        return sums[..., 0] / sums[..., 1] - sums[..., 2] / sums[..., 3]
-
+    columns = shift_columns(weights, integrand, integrand_origin, norm)
     sums = columns.sum(0)
     ess = float(w.sum() ** 2 / (w.square().sum() * w.numel()))
-    return ShiftTerms(float(_ratio(sums)), float(delta(sums)), jackknife_se(columns, group, delta), ess)
+    return ShiftTerms(float(_ratio(sums)), float(_delta(sums)), jackknife_se(columns, group, _delta), ess)
 
 
 def rounding_floor(integrand: Tensor, norm: Tensor, log_prob_error: Tensor, integrand_error: Tensor) -> float:
@@ -146,6 +153,8 @@ class TaylorTerms:
     per_sequence_linear: Tensor  # a_i, Σ a_i = g′(0)
     curvature: float | None = None
     curvature_se: float | None = None
+    quadratic_se: float | None = None  # of g′(0) + ½ g″(0), jointly
+    columns: Tensor | None = None  # the per-sequence columns, for paired statistics (``taylor_error``)
 
 
 def _linear(sums: Tensor) -> Tensor:
@@ -178,8 +187,28 @@ def taylor_terms(integrand: Tensor, norm: Tensor, d_log_prob: Tensor, d_integran
     terms = dict(entropy=g, entropy_se=origin.se, linear=float(_linear(sums)),
                  linear_se=jackknife_se(first, group, _linear), per_sequence_linear=per_sequence)
     if d2_log_prob is None:
-        return TaylorTerms(**terms)
+        return TaylorTerms(**terms, columns=first)
     d2s, d2f = _f64(d2_log_prob), _f64(d2_integrand)
     second = torch.cat([first, torch.stack([f * d2s, c * d2s, d2f, f * ds**2, c * ds**2, ds * df], 1)], 1)
     return TaylorTerms(**terms, curvature=float(_curvature(second.sum(0))),
-                       curvature_se=jackknife_se(second, group, _curvature))
+                       curvature_se=jackknife_se(second, group, _curvature),
+                       quadratic_se=jackknife_se(second, group, _quadratic), columns=second)
+
+
+def _quadratic(sums: Tensor) -> Tensor:
+    return _linear(sums) + 0.5 * _curvature(sums)
+
+
+def taylor_error(measured_columns: Tensor, prediction_columns: Tensor, group: Tensor) -> tuple[float, float]:
+    """measured ΔH(1) − its best prediction (quadratic when the columns hold second derivatives,
+    else linear), with the grouped-jackknife SE of the paired difference.
+
+    Prediction and measurement share E, so most sampling noise cancels in the difference, but
+    not all: with top-k/top-p truncation, or far from the linear regime, the gap carries noise of
+    its own, and this SE says how much.
+    """
+    k = measured_columns.shape[1]
+    best = _quadratic if prediction_columns.shape[1] > 5 else _linear
+    stat = lambda sums: _delta(sums[..., :k]) - best(sums[..., k:])  # noqa: E731
+    columns = torch.cat([_f64(measured_columns), _f64(prediction_columns)], 1)
+    return float(stat(columns.sum(0))), jackknife_se(columns, group, stat)

@@ -29,6 +29,7 @@ class Prediction:
     quadratic: float | None  # g′(0) + ½ g″(0)
     per_sequence_linear: Tensor = field(repr=False)  # a_i, sums to g′(0)
     curvature_se: float | None = None
+    quadratic_se: float | None = None  # of g′(0) + ½ g″(0), jointly (order 2)
 
     def at_scale(self, scale: float) -> tuple[float, float | None]:
         """(s·g′(0), s·g′(0) + ½ s² g″(0)) — the linear and quadratic predictions at scale s."""

@@ -19,7 +19,7 @@ import torch
 
 from . import estimators
 from .engine import (check_options, check_order, concat_terms, measurement_terms, prediction_terms,
-                     summarize_measurement, summarize_prediction)
+                     summarize_measurement, summarize_prediction, taylor_gap)
 from .params import check_scales
 from .precision import Precision, check_precision, resolve_precision
 from .sampling import ProbeBatch, SamplingConfig, sample_batch
@@ -75,11 +75,14 @@ class ProbeRecord:
     curvature: float | None = None
     curvature_se: float | None = None
     delta_quadratic: float | None = None
+    delta_quadratic_se: float | None = None
     taylor_error: float = math.nan
+    taylor_error_se: float = math.nan  # jackknife SE of the paired difference measured − prediction
     ess: float = math.nan
     step_norm: float = math.nan
     lr: float = math.nan
     delta_linear_per_lr: float = math.nan
+    delta_linear_per_lr_se: float = math.nan
     probe_seconds: float = math.nan
     scales: list[float] = field(default_factory=list)
     delta_measured_at: list[float] = field(default_factory=list)
@@ -109,15 +112,18 @@ class ProbeRecord:
             "delta_linear": self.delta_linear,
             "delta_linear_se": self.delta_linear_se,
             "taylor_error": self.taylor_error,
+            "taylor_error_se": self.taylor_error_se,
             "taylor_error_relative": relative,  # |measured − prediction| / |measured|
             "ess": self.ess,
             "step_norm": self.step_norm,
             "lr": self.lr,
             "delta_linear_per_lr": self.delta_linear_per_lr,
+            "delta_linear_per_lr_se": self.delta_linear_per_lr_se,
             "probe_seconds": self.probe_seconds,
         }
         if self.delta_quadratic is not None:
             m["delta_quadratic"] = self.delta_quadratic
+            m["delta_quadratic_se"] = self.delta_quadratic_se
             m["curvature"] = self.curvature
         for scale, delta in zip(self.scales[1:], self.delta_measured_at[1:]):
             m[f"delta_measured@{scale:g}"] = delta
@@ -246,7 +252,7 @@ class StepProbe:
         measured = summarize_measurement(measurement, o.scales, o.normalize)
         seconds = max(p.seconds for p in parts) + time.perf_counter() - started
         quadratic = predicted.quadratic
-        best = predicted.linear if quadratic is None else quadratic
+        gap, gap_se = taylor_gap(prediction, measurement, o.normalize)
         return ProbeRecord(
             step=first.step,
             entropy_before=measured.entropy_before,
@@ -259,11 +265,14 @@ class StepProbe:
             curvature=predicted.curvature,
             curvature_se=predicted.curvature_se,
             delta_quadratic=quadratic,
-            taylor_error=measured.delta[0] - best,
+            delta_quadratic_se=predicted.quadratic_se,
+            taylor_error=gap,
+            taylor_error_se=gap_se,
             ess=measured.ess_fraction[0],
             step_norm=first.step_norm,
             lr=first.lr,
             delta_linear_per_lr=predicted.linear / first.lr if first.lr else math.nan,
+            delta_linear_per_lr_se=predicted.linear_se / first.lr if first.lr else math.nan,
             probe_seconds=seconds,
             scales=list(o.scales),
             delta_measured_at=list(measured.delta),

@@ -50,21 +50,6 @@ def first_name(mapping):
     return next(iter(mapping))
 
 
-@pytest.mark.parametrize("name", ENGINE)
-@pytest.mark.parametrize("precision", ["fp64", "bfloat16", None])
-def test_unknown_precision_is_rejected(setup, name, precision):
-    model, batch, base, delta = setup["full"]
-    with pytest.raises(ValueError, match=r"precision must be one of 'auto', 'float64', 'float32', 'model'"):
-        call(name, model, batch, base, delta, precision=precision)
-
-
-def test_unknown_precision_is_rejected_by_probe_experiments():
-    from entropy_callbacks.experiment import ProbeExperiment
-
-    with pytest.raises(ValueError, match=r"precision must be one of"):
-        ProbeExperiment(precision="half")
-
-
 # --- SamplingConfig -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("temperature", [0.0, -0.5, float("nan"), float("inf")])
@@ -286,6 +271,21 @@ def test_non_tensor_values(setup, function):
 
 
 # --- options ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("function", ENGINE)
+@pytest.mark.parametrize("precision", ["fp64", "bfloat16", None])
+def test_unknown_precision_is_rejected(setup, function, precision):
+    model, batch, base, delta = setup["full"]
+    with pytest.raises(ValueError, match=r"precision must be one of 'auto', 'float64', 'float32', 'model'"):
+        call(function, model, batch, base, delta, precision=precision)
+
+
+def test_unknown_precision_is_rejected_by_probe_experiments():
+    from entropy_callbacks.experiment import ProbeExperiment
+
+    with pytest.raises(ValueError, match=r"precision must be one of"):
+        ProbeExperiment(precision="half")
+
 
 @pytest.mark.parametrize("function", ENGINE)
 @pytest.mark.parametrize("normalize", ["tokens", "mean", None])

@@ -70,20 +70,36 @@ CASES = {
 }
 
 
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("case", list(CASES))
-def test_probe_records_match_float64_under_training_precisions(tmp_path, case):
+def test_probe_records_match_float64_under_training_precisions(tmp_path, case, device):
     setting = CASES[case]
+    trainer_options = dict(setting["trainer"])
+    if device == "cuda":
+        # Lightning's own 16-mixed (CUDA GradScaler), and TF32 on as Lightning advises on Ampere+.
+        if case == "16-mixed":
+            trainer_options = dict(precision="16-mixed")
+        previous = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("high")
     policy = build(setting["kind"], tmp_path)
     probe = EntropyProbe(prompts=PROMPTS, sampling=SamplingConfig(max_new_tokens=6), every_n_steps=1,
                          responses_per_prompt=3, order=1, log_samples=0, on_error="raise", jsonl=False)
     capture = Capture(probe, policy)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[probe, capture],
-                         default_root_dir=str(tmp_path), **setting["trainer"])
+    trainer = pl.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1, max_steps=2, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[probe, capture], default_root_dir=str(tmp_path), **trainer_options)
     pl.seed_everything(0, verbose=False)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*below the estimated rounding error.*")  # none expected
-        trainer.fit(TinyPolicyModule(policy, lr=setting["lr"]), random_token_loader(num=16, batch_size=8))
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*below the estimated rounding error.*")  # none expected
+            trainer.fit(TinyPolicyModule(policy, lr=setting["lr"]), random_token_loader(num=16, batch_size=8))
+    finally:
+        if device == "cuda":
+            assert torch.get_float32_matmul_precision() == "high"  # the probe restored it
+            torch.set_float32_matmul_precision(previous)
     records = [r for r in probe.records if not r.skipped]
     assert len(records) == 2, [r.skipped for r in probe.records]
     for record in records:
