@@ -219,7 +219,6 @@ def main(argv=None) -> int:
                     print(f"| {setting} | {tf32} | {lr:g} | {label} | {err:.1e} | {floor} | {lin} | {h_err} "
                           f"| {statistics.median(times):.2f} | {cost} |", flush=True)
         torch.set_float32_matmul_precision("highest")
-        del model
     return 0
 
 
