@@ -26,7 +26,8 @@ from .metrics import Calibration
 from .model_guard import preserved_rng
 from .policy import token_id, check_trainable, resolve_policy, special_tokens
 from .prompts import load_prompts, tokenize_prompts
-from .reporting import JsonlFile, SeriesRuns, custom_scalars_layout, log_to_tensorboard, summary_table
+from .reporting import (SMALL_G, JsonlFile, SeriesRuns, custom_scalars_layout, log_to_tensorboard, small_g_message,
+                        summary_table)
 from .sampling import SamplingConfig, check_sampling_inputs
 from .step_probe import ProbeOptions, ProbeRecord, StepProbe
 
@@ -152,6 +153,8 @@ class EntropyProbe(Callback):
         # Everything a probe would trip over is checked now, not at every probe of the run.
         prompts = check_sampling_inputs(self.policy, tokenize_prompts(self.prompts, self.tokenizer),
                                         self.options.sampling, eos, pad)
+        if len(prompts) < SMALL_G:
+            warnings.warn(small_g_message("EntropyProbe", len(prompts)), UserWarning, stacklevel=2)
         world, rank = trainer.world_size, trainer.global_rank
         indices = list(range(rank, len(prompts), world))
         if not indices:
@@ -283,7 +286,7 @@ class EntropyProbe(Callback):
             metrics = {f"{self.prefix}skipped_steps": float(self.skipped_steps)}
         else:
             self.calibration.update(record.delta_linear, record.delta_quadratic, record.delta_measured,
-                                    record.delta_measured_se)
+                                    record.delta_measured_se, record.dof)
             metrics = record.metrics(self.options.sampling.truncates, self.prefix)
             metrics.update({f"{self.prefix}calibration/{k}": v for k, v in self.calibration.compute().items()
                             if k not in ("count", "non_finite") and math.isfinite(v)})

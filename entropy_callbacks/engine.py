@@ -66,7 +66,8 @@ def entropy_estimate(model, batch: ProbeBatch, *, params: Mapping[str, Tensor] |
                                for mb in batch.microbatches(microbatch_size)])
     norm = estimators.normaliser(batch.response_lengths, normalize)
     result = estimators.entropy_at_origin(integrand, norm, batch.group)
-    return Estimate(result.value, result.se, len(batch), int(batch.response_lengths.sum()))
+    return Estimate(result.value, result.se, len(batch), int(batch.response_lengths.sum()),
+                    estimators.degrees_of_freedom(batch.group))
 
 
 @dataclass
@@ -237,6 +238,7 @@ def summarize_measurement(terms: MeasurementTerms, scales: Sequence[float], norm
         scales=tuple(scales),
         entropy_before_se=before.se,
         delta_floor=floor,
+        dof=estimators.degrees_of_freedom(terms.group),
     )
 
 
@@ -297,6 +299,7 @@ def summarize_prediction(terms: PredictionTerms, normalize: str) -> Prediction:
         per_sequence_linear=taylor.per_sequence_linear,
         curvature_se=taylor.curvature_se,
         quadratic_se=taylor.quadratic_se,
+        dof=estimators.degrees_of_freedom(terms.group),
     )
 
 

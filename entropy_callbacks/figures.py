@@ -12,6 +12,7 @@ matplotlib.use("Agg")  # no display; figures go to PNG files and TensorBoard
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import NullFormatter  # noqa: E402
 
+from .estimators import t_quantile  # noqa: E402
 from .step_probe import ProbeRecord  # noqa: E402
 
 
@@ -20,13 +21,14 @@ def _usable(records: Sequence[ProbeRecord]) -> list[ProbeRecord]:
 
 
 def calibration_figure(records: Sequence[ProbeRecord]):
-    """Predicted against measured ΔH per probe, ±2 SE of the measurement, y = x, coloured by step."""
+    """Predicted against measured ΔH per probe, the measurement's 95 % band (± t·SE), y = x,
+    coloured by step."""
     usable = _usable(records)
     fig, ax = plt.subplots(figsize=(5.5, 4.5), dpi=110)
     if usable:
         predicted = [r.delta_quadratic if r.delta_quadratic is not None else r.delta_linear for r in usable]
         measured = [r.delta_measured for r in usable]
-        ax.errorbar(predicted, measured, yerr=[2 * r.delta_measured_se for r in usable], fmt="none",
+        ax.errorbar(predicted, measured, yerr=[t_quantile(r.dof) * r.delta_measured_se for r in usable], fmt="none",
                     ecolor="0.75", elinewidth=0.8, zorder=1)
         points = ax.scatter(predicted, measured, c=[r.step for r in usable], cmap="viridis", s=18, zorder=2)
         fig.colorbar(points, ax=ax, label="optimizer step")
@@ -36,7 +38,7 @@ def calibration_figure(records: Sequence[ProbeRecord]):
         ax.legend(loc="upper left", frameon=False)
     kind = "quadratic" if usable and usable[0].delta_quadratic is not None else "linear"
     ax.set_xlabel(f"predicted ΔH ({kind}, nats/token)")
-    ax.set_ylabel("measured ΔH ± 2 SE (nats/token)")
+    ax.set_ylabel("measured ΔH, 95 % band (nats/token)")
     ax.set_title(f"EntropyProbe calibration ({len(usable)} probes)")
     ax.ticklabel_format(style="sci", scilimits=(-2, 3))
     fig.tight_layout()
@@ -44,15 +46,16 @@ def calibration_figure(records: Sequence[ProbeRecord]):
 
 
 def entropy_figure(records: Sequence[ProbeRecord]):
-    """Ĥ(θ₀) on E at each probe with its ±2 SE band."""
+    """Ĥ(θ₀) on E at each probe with its 95 % band (± t·SE)."""
     usable = [r for r in records if not r.skipped and math.isfinite(r.entropy_before)]
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
     if usable:
         steps = [r.step for r in usable]
         value = [r.entropy_before for r in usable]
-        se = [r.entropy_before_se if math.isfinite(r.entropy_before_se) else 0.0 for r in usable]
-        ax.fill_between(steps, [v - 2 * s for v, s in zip(value, se)], [v + 2 * s for v, s in zip(value, se)],
-                        color="tab:blue", alpha=0.25, lw=0, label="± 2 SE")
+        half = [t_quantile(r.dof) * r.entropy_before_se for r in usable]
+        half = [h if math.isfinite(h) else 0.0 for h in half]
+        ax.fill_between(steps, [v - h for v, h in zip(value, half)], [v + h for v, h in zip(value, half)],
+                        color="tab:blue", alpha=0.25, lw=0, label="95 % band")
         ax.plot(steps, value, color="tab:blue", lw=1.5, label="Ĥ on E")
         ax.legend(frameon=False)
     ax.set_xlabel("optimizer step")

@@ -11,13 +11,16 @@ import math
 import torch
 from torchmetrics import MeanAbsoluteError, MeanMetric, PearsonCorrCoef
 
+from .estimators import t_quantile
+
 
 class Calibration:
     """Pearson r and MAE of linear and quadratic predictions against measured ΔH, the share
-    of probes where the sign agrees, and the share where |prediction − measured| ≤ 2 SE."""
+    of probes where the sign agrees, and the share where the prediction lies in the measurement's
+    95 % band, ± t_{0.975, G−1}·SE (``coverage_95``)."""
 
     def __init__(self) -> None:
-        self.history: list[tuple[float, float | None, float, float]] = []
+        self.history: list[tuple[float, float | None, float, float, int]] = []
         self.non_finite = 0  # pairs left out: a NaN would poison every later value
         self._reset()
 
@@ -28,15 +31,17 @@ class Calibration:
         self.mae_linear = MeanAbsoluteError(**kw).double()
         self.mae_quadratic = MeanAbsoluteError(**kw).double()
         self.sign_agreement = MeanMetric(**kw).double()
-        self.coverage_2se = MeanMetric(**kw).double()
+        self.coverage_95 = MeanMetric(**kw).double()
         self._quadratic_count = 0
 
-    def update(self, linear: float, quadratic: float | None, measured: float, measured_se: float) -> bool:
-        """Add one probe; False (and counted in ``non_finite``) when a value is not finite."""
+    def update(self, linear: float, quadratic: float | None, measured: float, measured_se: float,
+               dof: int) -> bool:
+        """Add one probe (``dof``: its SE's degrees of freedom); False, and counted in
+        ``non_finite``, when a value is not finite."""
         if not all(math.isfinite(v) for v in (linear, measured, 0.0 if quadratic is None else quadratic)):
             self.non_finite += 1
             return False
-        self.history.append((linear, quadratic, measured, measured_se))
+        self.history.append((linear, quadratic, measured, measured_se, dof))
         t = lambda x: torch.tensor([x], dtype=torch.float64)  # noqa: E731
         self.pearson_linear.update(t(linear), t(measured))
         self.mae_linear.update(t(linear), t(measured))
@@ -46,8 +51,9 @@ class Calibration:
             self.mae_quadratic.update(t(quadratic), t(measured))
             self._quadratic_count += 1
         self.sign_agreement.update(t(float(math.copysign(1, best) == math.copysign(1, measured))))
-        if math.isfinite(measured_se):
-            self.coverage_2se.update(t(float(abs(best - measured) <= 2 * measured_se)))
+        band = t_quantile(dof) * measured_se
+        if math.isfinite(band):
+            self.coverage_95.update(t(float(abs(best - measured) <= band)))
         return True
 
     def compute(self) -> dict[str, float]:
@@ -61,7 +67,7 @@ class Calibration:
         out["pearson_quadratic"] = float(self.pearson_quadratic.compute()) if q >= 3 else nan
         out["mae_quadratic"] = float(self.mae_quadratic.compute()) if q >= 1 else nan
         out["sign_agreement"] = float(self.sign_agreement.compute()) if n >= 1 else nan
-        out["coverage_2se"] = float(self.coverage_2se.compute()) if self.coverage_2se.update_count else nan
+        out["coverage_95"] = float(self.coverage_95.compute()) if self.coverage_95.update_count else nan
         return out
 
     def state_dict(self) -> dict:
@@ -70,6 +76,7 @@ class Calibration:
     def load_state_dict(self, state: dict) -> None:
         self.history = []
         self._reset()
-        for linear, quadratic, measured, se in state.get("history", []):
-            self.update(linear, quadratic, measured, se)
+        for linear, quadratic, measured, se, *dof in state.get("history", []):
+            # a checkpoint from before SEs carried their dof: its bands were ± 2 SE, i.e. dof ≈ 50
+            self.update(linear, quadratic, measured, se, dof[0] if dof else 50)
         self.non_finite = int(state.get("non_finite", 0))

@@ -10,11 +10,20 @@ from pathlib import Path
 
 import torch
 
+from .estimators import t_quantile
 from .metrics import Calibration
 from .step_probe import ProbeRecord
 
 
 SERIES_DIR = "delta_H"  # under the logger's directory: one TensorBoard run per ΔH series
+SMALL_G = 8  # fewer prompt groups than this: the SEs themselves are too uncertain to lean on
+
+
+def small_g_message(who: str, groups: int) -> str:
+    t = t_quantile(groups - 1)
+    return (f"{who} has {groups} held-out prompt(s): its standard errors have {groups - 1} degree(s) of freedom, "
+            f"so a 95 % band is ± {t:.2f}·SE and each SE is itself uncertain; use {SMALL_G} or more prompts "
+            "(docs/method.md §5)")
 
 
 def custom_scalars_layout(prefix: str) -> dict:
@@ -26,8 +35,8 @@ def custom_scalars_layout(prefix: str) -> dict:
     margin = lambda name: [prefix + name, prefix + name + "_lower", prefix + name + "_upper"]  # noqa: E731
     return {prefix.rstrip("/"): {
         "ΔH predicted vs measured": ["Multiline", [tag("delta")]],
-        "ΔH measured ± 2 SE": ["Margin", margin("delta_measured")],
-        "Entropy Ĥ ± 2 SE": ["Margin", margin("before")],
+        "ΔH measured, 95 % band (± t·SE, G − 1 dof)": ["Margin", margin("delta_measured")],
+        "Entropy Ĥ, 95 % band (± t·SE, G − 1 dof)": ["Margin", margin("before")],
         "Relative Taylor error |measured − predicted| / |measured|": ["Multiline", [tag("taylor_error_relative")]],
     }}
 
@@ -81,7 +90,7 @@ def summary_table(calibration: Calibration, order: int, probe_errors: int, skipp
         lines.append(f"  MAE        quadratic   {number(c['mae_quadratic'], '.3e')}")
     lines += [f"  sign agreement         {number(c['sign_agreement'], '.3f')}   "
               f"(of the {'quadratic' if quadratic else 'linear'} prediction)",
-              f"  |pred - meas| <= 2 SE  {number(c['coverage_2se'], '.3f')}"]
+              f"  in the 95 % t band     {number(c['coverage_95'], '.3f')}   (|pred - meas| <= t(G-1)·SE)"]
     return "\n".join(lines)
 
 

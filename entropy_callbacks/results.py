@@ -15,6 +15,7 @@ class Estimate:
     se: float
     num_sequences: int = 0
     num_tokens: int = 0
+    dof: int = 0  # of the SE: prompt groups − 1 (95 % band: ± estimators.t_quantile(dof)·se)
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class Prediction:
     per_sequence_linear: Tensor = field(repr=False)  # a_i, sums to g′(0)
     curvature_se: float | None = None
     quadratic_se: float | None = None  # of g′(0) + ½ g″(0), jointly (order 2)
+    dof: int = 0  # of every SE here: prompt groups − 1
 
     def at_scale(self, scale: float) -> tuple[float, float | None]:
         """(s·g′(0), s·g′(0) + ½ s² g″(0)) — the linear and quadratic predictions at scale s."""
@@ -56,3 +58,4 @@ class Measurement:
     scales: tuple[float, ...]
     entropy_before_se: float = float("nan")
     delta_floor: float = float("nan")  # estimated rounding error of each delta (docs/method.md, Precision)
+    dof: int = 0  # of every SE here: prompt groups − 1

@@ -91,6 +91,7 @@ class ProbeRecord:
     outside_support: list[float] = field(default_factory=list)
     num_sequences: int = 0
     num_tokens: int = 0
+    dof: int = 0  # of every SE: prompt groups − 1; bands are ± t_quantile(dof)·SE
     per_sequence_linear: list[float] = field(default_factory=list)
     per_sequence_weight: list[float] = field(default_factory=list)  # SNIS weight at s = 1, mean 1
 
@@ -99,16 +100,17 @@ class ProbeRecord:
         if self.skipped:
             return {}
         relative = abs(self.taylor_error / self.delta_measured) if self.delta_measured else math.nan
+        t = estimators.t_quantile(self.dof)  # 95 % bands with G − 1 degrees of freedom
         m = {
             "before": self.entropy_before,
             "before_se": self.entropy_before_se,
-            "before_lower": self.entropy_before - 2 * self.entropy_before_se,
-            "before_upper": self.entropy_before + 2 * self.entropy_before_se,
+            "before_lower": self.entropy_before - t * self.entropy_before_se,
+            "before_upper": self.entropy_before + t * self.entropy_before_se,
             "delta_measured": self.delta_measured,
             "delta_measured_se": self.delta_measured_se,
             "delta_measured_floor": self.delta_measured_floor,
-            "delta_measured_lower": self.delta_measured - 2 * self.delta_measured_se,
-            "delta_measured_upper": self.delta_measured + 2 * self.delta_measured_se,
+            "delta_measured_lower": self.delta_measured - t * self.delta_measured_se,
+            "delta_measured_upper": self.delta_measured + t * self.delta_measured_se,
             "delta_linear": self.delta_linear,
             "delta_linear_se": self.delta_linear_se,
             "taylor_error": self.taylor_error,
@@ -280,6 +282,7 @@ class StepProbe:
             ess_at=list(measured.ess_fraction),
             outside_support=list(measured.outside_support),
             num_sequences=int(prediction.group.numel()),
+            dof=predicted.dof,
             num_tokens=int(prediction.token_counts.sum()),
             per_sequence_linear=predicted.per_sequence_linear.tolist(),
             per_sequence_weight=relative_weights(measurement).tolist(),

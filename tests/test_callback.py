@@ -36,6 +36,7 @@ pytestmark = [
 ]
 
 PROMPTS = [[2, 3, 4], [2, 5], [2, 6, 7], [3, 3]]
+T3 = 3.182446305284263  # t_{0.975, 3}: the 95 % multiplier with 4 prompt groups (G − 1 = 3 dof)
 SAMPLING = SamplingConfig(max_new_tokens=5)
 HERE = Path(__file__).resolve().parent
 
@@ -594,9 +595,10 @@ def test_tensorboard_event_file_and_jsonl(tmp_path):
     margins = {title: [(s.value, s.lower, s.upper) for s in chart.margin.series]
                for title, chart in charts.items() if chart.HasField("margin")}
     assert margins == {
-        "ΔH measured ± 2 SE": [("entropy/delta_measured", "entropy/delta_measured_lower",
-                                "entropy/delta_measured_upper")],
-        "Entropy Ĥ ± 2 SE": [("entropy/before", "entropy/before_lower", "entropy/before_upper")],
+        "ΔH measured, 95 % band (± t·SE, G − 1 dof)": [("entropy/delta_measured", "entropy/delta_measured_lower",
+                                                        "entropy/delta_measured_upper")],
+        "Entropy Ĥ, 95 % band (± t·SE, G − 1 dof)": [("entropy/before", "entropy/before_lower",
+                                                      "entropy/before_upper")],
     }
     assert {t for series in margins.values() for triple in series for t in triple} <= scalars
 
@@ -673,7 +675,7 @@ def test_calibration_table_printed_and_tags_logged(tmp_path):
     (table,) = [m for m in handler.messages if "EntropyProbe calibration" in m]
     for row in ("probes                 3  (errors 0, skipped 0, non-finite 0)", "Pearson r  linear",
                 "Pearson r  quadratic",
-                "MAE        linear", "MAE        quadratic", "sign agreement", "|pred - meas| <= 2 SE"):
+                "MAE        linear", "MAE        quadratic", "sign agreement", "in the 95 % t band"):
         assert row in table, row
 
     records = entropy_probe.records
@@ -687,7 +689,7 @@ def test_calibration_table_printed_and_tags_logged(tmp_path):
         "pearson_linear": np.corrcoef(linear, measured)[0, 1],
         "pearson_quadratic": np.corrcoef(quadratic, measured)[0, 1],
         "sign_agreement": np.mean(np.sign(quadratic) == np.sign(measured)),
-        "coverage_2se": np.mean([abs(r.delta_quadratic - r.delta_measured) <= 2 * r.delta_measured_se
+        "coverage_95": np.mean([abs(r.delta_quadratic - r.delta_measured) <= T3 * r.delta_measured_se
                                  for r in records]),
     }
     for name, value in expected.items():
@@ -754,14 +756,14 @@ def test_non_finite_pairs_are_counted_not_poisoning_calibration_even_after_resum
     calibration = Calibration()
     for linear, measured in [(1e-4, 1.1e-4), (float("nan"), 2e-4), (-3e-4, -2.9e-4), (2e-4, float("nan")),
                              (5e-4, 5.2e-4)]:
-        calibration.update(linear, linear, measured, 1e-5)
+        calibration.update(linear, linear, measured, 1e-5, 3)
     values = calibration.compute()
     assert values["count"] == 3 and values["non_finite"] == 2
-    assert all(math.isfinite(values[k]) for k in ("pearson_linear", "mae_linear", "sign_agreement", "coverage_2se"))
+    assert all(math.isfinite(values[k]) for k in ("pearson_linear", "mae_linear", "sign_agreement", "coverage_95"))
     resumed = Calibration()
     resumed.load_state_dict(calibration.state_dict())
     assert resumed.compute() == values
-    resumed.update(float("inf"), None, 1e-4, 1e-5)
+    resumed.update(float("inf"), None, 1e-4, 1e-5, 3)
     assert resumed.compute()["non_finite"] == 3 and math.isfinite(resumed.compute()["pearson_linear"])
 
 

@@ -331,3 +331,28 @@ def test_large_step_flags_outside_support(model, base, references):
     assert meas.outside_support[0] > 1e-3
     # the estimate tracks the exact population mass (a plain mean over ~4600 positions)
     assert meas.outside_support[0] == pytest.approx(ref.large["outside"], rel=0.2)
+
+
+SMALL_G_SEEDS = range(1000, 1200)  # 200 independent draws of E with G = 4 prompt groups (R = 4)
+
+
+@pytest.fixture(scope="module")
+def small_g(model, base, references):
+    name = "tau1"
+    return [estimates(model, base, references[name], draw_batch(model, CONFIGS[name], seed, 4))
+            for seed in SMALL_G_SEEDS]
+
+
+@pytest.mark.parametrize("quantity", QUANTITIES)
+@pytest.mark.parametrize("norm", NORMALIZATIONS)
+def test_t_bands_cover_at_four_prompt_groups(small_g, quantity, norm):
+    """With G = 4 the jackknife SE has 3 degrees of freedom: ± t_{0.975, 3}·SE = ± 3.18·SE covers
+    the exact value 90–99 % of the time, where ± 1.96·SE would not."""
+    from entropy_callbacks.estimators import t_quantile
+
+    rows = [row[(quantity, norm)] for row in small_g]
+    misses = torch.tensor([abs(value - exact) / se for value, se, exact in rows], dtype=torch.float64)
+    covered = float((misses <= t_quantile(3)).double().mean())
+    normal = float((misses <= 1.96).double().mean())
+    print(f"G=4 {quantity} {norm}: t band covers {covered:.3f}, ±1.96 SE {normal:.3f}")
+    assert 0.90 <= covered <= 0.99, (covered, normal)

@@ -93,3 +93,8 @@ def test_the_math_and_the_functions_import_without_lightning():
             "from entropy_callbacks import EntropyProbe\n"
             "assert 'lightning' in sys.modules and EntropyProbe.__name__ == 'EntropyProbe'\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_fewer_than_eight_prompts_warn_about_degrees_of_freedom(tmp_path):
+    with pytest.warns(UserWarning, match=r"4 held-out prompt\(s\): .* 3 degree\(s\) of freedom, .* ± 3\.18·SE"):
+        fit_with(tmp_path, load_policy(tmp_path))

@@ -63,5 +63,26 @@ def test_quadratic_taylor_error_and_per_lr_ses_are_grouped_jackknifes(tmp_path, 
     assert record.taylor_error_se == pytest.approx(brute_force_jackknife(gap), rel=1e-6)
     assert record.taylor_error == pytest.approx(record.delta_measured - record.delta_quadratic, rel=1e-9, abs=1e-15)
     assert record.delta_linear_per_lr_se == pytest.approx(record.delta_linear_se / 1e-3, rel=1e-12)
+    assert record.dof == len(PROMPTS) - 1
     # the gap shares E with the measurement: much of the noise cancels, not all of it
     assert 0 < record.taylor_error_se < record.delta_measured_se
+
+
+@pytest.mark.parametrize("dof, quantile", [(1, 12.7062047), (3, 3.1824463), (7, 2.3646243), (19, 2.0930241),
+                                           (1000, 1.9623391)])
+def test_t_quantile_matches_the_tables(dof, quantile):
+    from entropy_callbacks.estimators import t_quantile
+
+    assert t_quantile(dof) == pytest.approx(quantile, rel=1e-6)
+    assert math.isnan(t_quantile(0))
+
+
+def test_records_carry_their_degrees_of_freedom_and_t_bands():
+    from entropy_callbacks.estimators import t_quantile
+    from entropy_callbacks.step_probe import ProbeRecord
+
+    record = ProbeRecord(step=0, entropy_before=1.0, entropy_before_se=0.1, delta_measured=-2e-4,
+                         delta_measured_se=1e-4, delta_linear=-1e-4, dof=3)
+    m = record.metrics(truncates=False)
+    assert m["entropy/delta_measured_upper"] == pytest.approx(-2e-4 + t_quantile(3) * 1e-4)
+    assert m["entropy/before_lower"] == pytest.approx(1.0 - t_quantile(3) * 0.1)
