@@ -24,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from .metrics import Calibration
 from .model_guard import preserved_rng
-from .policy import token_id, check_trainable, resolve_policy, special_tokens
+from .policy import check_trainable, resolve_policy, sampling_mismatch, special_tokens, token_id
 from .prompts import load_prompts, tokenize_prompts
 from .reporting import (SMALL_G, JsonlFile, SeriesRuns, custom_scalars_layout, log_to_tensorboard, small_g_message,
                         summary_table)
@@ -149,6 +149,9 @@ class EntropyProbe(Callback):
         else:
             self.tokenizer = getattr(pl_module, "tokenizer", None)
         check_trainable(self.policy)
+        mismatch = sampling_mismatch(self.policy, self.options.sampling)
+        if mismatch:
+            warnings.warn(f"EntropyProbe: {mismatch}", UserWarning, stacklevel=2)
         eos, pad = special_tokens(self.policy, self.tokenizer, self.eos_token_id, self.pad_token_id)
         # Everything a probe would trip over is checked now, not at every probe of the run.
         prompts = check_sampling_inputs(self.policy, tokenize_prompts(self.prompts, self.tokenizer),

@@ -26,7 +26,7 @@ import torch
 
 from .engine import measure_delta_h, predict_delta_h
 from .model_guard import preserved_rng
-from .policy import resolve_policy, special_tokens
+from .policy import resolve_policy, sampling_mismatch, special_tokens
 from .reporting import SMALL_G, small_g_message
 from .prompts import load_prompts, tokenize_prompts
 from .sampling import SamplingConfig, sample_batch
@@ -276,6 +276,9 @@ def run_experiment(module, experiment: ProbeExperiment, ckpt_path: str | None = 
     else:
         prompts = load_prompts(experiment.prompts)
     prompt_ids = tokenize_prompts(prompts, tokenizer)
+    mismatch = sampling_mismatch(policy, experiment.sampling)
+    if mismatch:
+        warnings.warn(f"entropy-callbacks probe: {mismatch}", UserWarning, stacklevel=2)
     if len(prompt_ids) < SMALL_G:
         warnings.warn(small_g_message("entropy-callbacks probe", len(prompt_ids)), UserWarning, stacklevel=2)
     eos, pad = special_tokens(policy, tokenizer)

@@ -87,3 +87,29 @@ def check_trainable(policy: torch.nn.Module) -> None:
         raise ValueError(f"the policy ({type(policy).__name__}) has no trainable parameters (requires_grad=True); "
                          "the probe measures the step of the parameters being trained — point `policy` at the "
                          "trained model")
+
+
+# What transformers' generate() uses when do_sample=True and the generation config leaves it unset.
+_GENERATE_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 50}
+
+
+def sampling_mismatch(policy: torch.nn.Module, sampling) -> str | None:
+    """How the policy's own ``generation_config`` (when it samples) differs from ``sampling``, or
+    None. E must be drawn the way the rollouts are, or the probe describes another distribution;
+    HF's default top_k=50 against our top_k=0 (off) is the usual slip."""
+    config = getattr(policy, "generation_config", None)
+    if config is None or not getattr(config, "do_sample", False):
+        return None
+    differs = []
+    for name, default in _GENERATE_DEFAULTS.items():
+        theirs = getattr(config, name, None)
+        theirs = default if theirs is None else theirs
+        ours = getattr(sampling, name)
+        if name == "top_k" and (theirs or 0) <= 0 and ours <= 0:
+            continue  # both off
+        if theirs != ours:
+            differs.append(f"{name} {theirs!r} there, {ours!r} here")
+    if not differs:
+        return None
+    return ("the policy's generation_config samples differently from the probe's SamplingConfig (" + "; ".join(differs)
+            + "): E should be drawn the way your rollouts are; set `sampling` to match (top_k=0 means off)")

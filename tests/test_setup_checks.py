@@ -98,3 +98,18 @@ def test_the_math_and_the_functions_import_without_lightning():
 def test_fewer_than_eight_prompts_warn_about_degrees_of_freedom(tmp_path):
     with pytest.warns(UserWarning, match=r"4 held-out prompt\(s\): .* 3 degree\(s\) of freedom, .* ± 3\.18·SE"):
         fit_with(tmp_path, load_policy(tmp_path))
+
+
+def test_a_sampling_generation_config_that_differs_warns_once(tmp_path):
+    from entropy_callbacks.policy import sampling_mismatch
+
+    policy = load_policy(tmp_path)
+    assert sampling_mismatch(policy, SamplingConfig(max_new_tokens=4)) is None  # it does not sample
+    policy.generation_config.do_sample = True  # top_k unset: generate() would use 50
+    message = sampling_mismatch(policy, SamplingConfig(max_new_tokens=4))
+    assert message is not None and "top_k 50 there, 0 here" in message and "temperature" not in message
+    assert sampling_mismatch(policy, SamplingConfig(max_new_tokens=4, top_k=50)) is None
+    policy.generation_config.temperature = 0.7
+    assert "temperature 0.7 there, 1.0 here" in sampling_mismatch(policy, SamplingConfig(max_new_tokens=4, top_k=50))
+    with pytest.warns(UserWarning, match="samples differently from the probe's SamplingConfig"):
+        fit_with(tmp_path, policy, prompts=PROMPTS * 2)
