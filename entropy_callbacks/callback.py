@@ -134,6 +134,7 @@ class EntropyProbe(Callback):
         self._capture_handle = None  # the optimizer step hook of a probe in flight
         self._finished: set[int] = set()  # probes finished before their batch ended
         self._series: SeriesRuns | None = None
+        self._published = 0  # probes with a record (not skipped); `records` keeps only the last ones
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -288,6 +289,7 @@ class EntropyProbe(Callback):
             self.skipped_steps += 1
             metrics = {f"{self.prefix}skipped_steps": float(self.skipped_steps)}
         else:
+            self._published += 1
             self.calibration.update(record.delta_linear, record.delta_quadratic, record.delta_measured,
                                     record.delta_measured_se, record.dof)
             metrics = record.metrics(self.options.sampling.truncates, self.prefix)
@@ -340,8 +342,7 @@ class EntropyProbe(Callback):
             self._series.log(record)
             log_to_tensorboard(writer, self.prefix, record, batch_e, self.log_samples,
                                self.options.responses_per_prompt, decode)
-            probes = sum(not r.skipped for r in self.records)
-            if self.figure_every and probes % self.figure_every == 0:
+            if self.figure_every and self._published % self.figure_every == 0:
                 from .figures import calibration_figure, entropy_figure
 
                 writer.add_figure(f"{self.prefix}calibration", calibration_figure(self.records), record.step)

@@ -154,13 +154,14 @@ def measurement_terms(model, batch: ProbeBatch, base: Mapping[str, Tensor], delt
     check_step(model, base, delta)
     dtype = precision.values
     rounds_in = effective_dtype(dtype, model)
+    unit = unit_roundoff(rounds_in)
     points = [StepPoint(base, delta, s, dtype) for s in scales]
     truncates = batch.config.truncates
     # Order-2 passes compute LayerNorm as mean/rsqrt (forward_mode), which rounds differently.
     same_function = (origin is not None and dtype is None and origin.d2_log_prob is None
-                     and origin.roundoff == unit_roundoff(rounds_in))
+                     and origin.roundoff == unit)
     reuse = same_function and not truncates
-    partner = origin if origin is not None and origin.roundoff != unit_roundoff(rounds_in) else None
+    partner = origin if origin is not None and origin.roundoff != unit else None
     partner_roundoff = unit_roundoff(partner_dtype(rounds_in)) if partner is None else partner.roundoff
     origin_point = StepPoint(base, delta, 0.0, dtype)
     partner_point = StepPoint(base, delta, 0.0, partner_dtype(rounds_in))
@@ -185,7 +186,6 @@ def measurement_terms(model, batch: ProbeBatch, base: Mapping[str, Tensor], delt
     else:
         partner_log_prob, partner_integrand = partner.log_prob, partner.integrand
     zeros = torch.zeros(len(batch), dtype=torch.float64)
-    unit = unit_roundoff(rounds_in)
     terms = MeasurementTerms(
         group=batch.group.cpu(),
         token_counts=_cpu(batch.response_lengths),

@@ -885,3 +885,20 @@ def test_a_failing_report_does_not_end_training(tmp_path, monkeypatch):
     with pytest.warns(RuntimeWarning, match="disk full"):
         trainer.fit(TinyPolicyModule(load_policy(tmp_path)), random_token_loader(num=16, batch_size=8))
     assert trainer.global_step == 2 and [r.step for r in entropy_probe.records] == [0, 1]
+
+
+def test_figures_keep_their_cadence_once_records_are_trimmed(tmp_path, monkeypatch):
+    """`records` keeps only the last RECORDS_KEPT probes; figures still come every figure_every probes."""
+    import entropy_callbacks.callback as callback_module
+    from tensorboard.backend.event_processing import event_accumulator
+
+    monkeypatch.setattr(callback_module, "RECORDS_KEPT", 2)
+    entropy_probe = probe(every_n_steps=1, figure_every=2)
+    logger = TensorBoardLogger(save_dir=str(tmp_path), name="tb", version=0)
+    trainer = make_trainer(tmp_path, max_steps=6, logger=logger, callbacks=[entropy_probe])
+    trainer.fit(TinyPolicyModule(load_policy(tmp_path)), random_token_loader(num=48, batch_size=8))
+    logger.finalize("success")
+    assert len(entropy_probe.records) == 2
+    accumulator = event_accumulator.EventAccumulator(logger.log_dir, size_guidance={"images": 0})
+    accumulator.Reload()
+    assert [e.step for e in accumulator.Images("entropy/calibration")] == [1, 3, 5]
