@@ -52,6 +52,8 @@ class EntropyProbe(Callback):
             probe's peak memory and keeps its cost linear in the size of E (benchmarks/README.md).
         policy: attribute path of the HF model on the LightningModule (default: autodetect).
         tokenizer: attribute path of the tokenizer, needed for string prompts and samples.
+        chat_template: format each string prompt as a user turn of the tokenizer's chat template
+            (as a chat model's rollouts are prompted).
         seed: E at step t is drawn with a seed derived from (seed, t).
         snapshot_device: where θ₀ is kept: "auto" (the parameters' device) or "cpu".
         precision: compute dtype of the probe's passes. "auto" (default) measures in float64
@@ -82,6 +84,7 @@ class EntropyProbe(Callback):
         microbatch_size: int | None = 64,
         policy: str | None = None,
         tokenizer: str | None = None,
+        chat_template: bool = False,
         seed: int = 0,
         snapshot_device: Literal["auto", "cpu"] = "auto",
         precision: Literal["auto", "float64", "float32", "model"] = "auto",
@@ -112,6 +115,7 @@ class EntropyProbe(Callback):
         self.prompts = load_prompts(prompts)
         self.policy_path = policy
         self.tokenizer_path = tokenizer
+        self.chat_template = chat_template
         self.on_error = on_error
         self.log_samples = log_samples
         self.jsonl = jsonl
@@ -155,7 +159,7 @@ class EntropyProbe(Callback):
             warnings.warn(f"EntropyProbe: {mismatch}", UserWarning, stacklevel=2)
         eos, pad = special_tokens(self.policy, self.tokenizer, self.eos_token_id, self.pad_token_id)
         # Everything a probe would trip over is checked now, not at every probe of the run.
-        prompts = check_sampling_inputs(self.policy, tokenize_prompts(self.prompts, self.tokenizer),
+        prompts = check_sampling_inputs(self.policy, tokenize_prompts(self.prompts, self.tokenizer, self.chat_template),
                                         self.options.sampling, eos, pad)
         if len(prompts) < SMALL_G:
             warnings.warn(small_g_message("EntropyProbe", len(prompts)), UserWarning, stacklevel=2)

@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -41,6 +42,8 @@ class ProbeExperiment:
     Args:
         prompts: held-out prompts for E (strings, token-id lists or a .txt/.jsonl path);
             None: the module's ``held_out_items``.
+        chat_template: format string prompts with the tokenizer's chat template (None: as the
+            module's own ``chat_template`` hyperparameter, else no).
         sampling: how E is sampled.
         trials: number of one-step trials (K).
         scales: step scales of the sweep.
@@ -53,6 +56,7 @@ class ProbeExperiment:
     """
 
     prompts: Union[str, list[str], list[list[int]], None] = None
+    chat_template: bool | None = None
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=3))
     trials: int = 8
     scales: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0])
@@ -275,7 +279,10 @@ def run_experiment(module, experiment: ProbeExperiment, ckpt_path: str | None = 
         prompts = [item.prompt for item in held_out]
     else:
         prompts = load_prompts(experiment.prompts)
-    prompt_ids = tokenize_prompts(prompts, tokenizer)
+    chat_template = experiment.chat_template
+    if chat_template is None:
+        chat_template = bool(module.hparams.get("chat_template", False))
+    prompt_ids = tokenize_prompts(prompts, tokenizer, chat_template)
     mismatch = sampling_mismatch(policy, experiment.sampling)
     if mismatch:
         warnings.warn(f"entropy-callbacks probe: {mismatch}", UserWarning, stacklevel=2)
@@ -364,7 +371,11 @@ def _json(value, **kwargs) -> str:
 
 def results_table(results: dict) -> str:
     def number(value, spec: str) -> str:
-        return format(math.nan if value is None else value, spec)
+        # "—" where there is no number (no quadratic at order 1, no slope from one scale).
+        if value is None or not math.isfinite(value):
+            width = re.match(r"[<>^]?(\d*)", spec).group(1)
+            return format("—", f">{width}")
+        return format(value, spec)
 
     agg = results["aggregate"]
     lines = [f"{'scale':>6} {'measured ΔH':>13} {'± SE':>10} {'linear':>12} {'quadratic':>12} "

@@ -38,15 +38,29 @@ def load_prompts(source: PromptSource) -> list:
     return prompts
 
 
-def tokenize_prompts(prompts: list, tokenizer=None) -> list[list[int]]:
-    """Token-id lists; strings need a tokenizer."""
+def encode_prompt(text: str, tokenizer, chat_template: bool = False) -> list[int]:
+    """Token ids of one prompt; with ``chat_template`` it becomes one user turn of the tokenizer's
+    chat template followed by the assistant's header, as a chat model's rollouts are prompted."""
+    if not chat_template:
+        return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("chat_template=True but the tokenizer has no chat template; set chat_template: false "
+                         "or use the model's chat tokenizer")
+    formatted = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                              add_generation_prompt=True)
+    return list(tokenizer(formatted, add_special_tokens=False)["input_ids"])
+
+
+def tokenize_prompts(prompts: list, tokenizer=None, chat_template: bool = False) -> list[list[int]]:
+    """Token-id lists; strings need a tokenizer (and are chat-formatted with ``chat_template``).
+    Token-id lists are taken as they are."""
     out = []
     for i, prompt in enumerate(prompts):
         if isinstance(prompt, str):
             if tokenizer is None:
                 raise ValueError("prompts are strings but no tokenizer was found; set `tokenizer` to the attribute "
                                  "path of the tokenizer on your LightningModule, or pass token-id lists")
-            ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            ids = encode_prompt(prompt, tokenizer, chat_template)
         else:
             ids = [int(t) for t in prompt]
         if not ids:

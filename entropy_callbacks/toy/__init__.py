@@ -2,6 +2,6 @@
 
 from .grpo import GRPOModule, Rollouts
 from .policy import LoraOptions, TinyModelOptions
-from .task import PromptItem, copy_task
+from .task import PromptItem, arithmetic_task, copy_task
 
-__all__ = ["GRPOModule", "Rollouts", "LoraOptions", "TinyModelOptions", "PromptItem", "copy_task"]
+__all__ = ["GRPOModule", "Rollouts", "LoraOptions", "TinyModelOptions", "PromptItem", "copy_task", "arithmetic_task"]

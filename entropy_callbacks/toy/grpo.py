@@ -21,8 +21,10 @@ from torch.utils.data import DataLoader
 from ..distribution import entropy as token_entropy
 from ..model_guard import forward_kwargs
 from ..sampling import ProbeBatch, SamplingConfig, sample_batch
-from .policy import LoraOptions, TinyModelOptions, pretrained_policy, tiny_policy, with_lora
-from .task import copy_task, load_prompt_file, reward_function
+from ..pretrained import load_pretrained
+from ..prompts import encode_prompt
+from .policy import LoraOptions, TinyModelOptions, tiny_policy, with_lora
+from .task import load_prompt_file, reward_function, task_items
 
 
 @dataclass
@@ -43,11 +45,17 @@ class GRPOModule(pl.LightningModule):
     """Group Relative Policy Optimisation on a causal LM.
 
     Args:
-        pretrained_path: local HF model directory; default: a tiny random Llama (``model``).
+        pretrained_path: local HF model directory, or ``package:NAME`` for an installed package
+            that ships weights; default: a tiny random Llama (``model``). Never downloads.
+        gguf_file: a GGUF file in ``pretrained_path``; dequantised once and cached as
+            safetensors (``cache_dir``, default ``~/.cache/entropy-callbacks/models``).
         model: shape of the tiny random Llama.
         lora: LoRA adapter options (None: full fine-tuning).
-        prompt_file: .jsonl ({"prompt", "answer"}) or .txt prompts; default: the toy copy task.
-        reward: "copy" (toy task), "exact_match" or "contains" (against each prompt's answer).
+        task: built-in prompts when no ``prompt_file``: "copy" (toy) or "arithmetic" (a + b).
+        prompt_file: .jsonl ({"prompt", "answer"}) or .txt prompts, instead of ``task``.
+        chat_template: format each prompt as a user turn of the tokenizer's chat template.
+        reward: "copy" (toy task), "exact_match", "contains" or "last_number" (against each
+            prompt's answer).
         sampling: rollout sampling (temperature, top-p, top-k, max_new_tokens).
         group_size: rollouts per prompt (G).
         prompts_per_step: prompts per optimizer step.
@@ -61,9 +69,13 @@ class GRPOModule(pl.LightningModule):
     def __init__(
         self,
         pretrained_path: str | None = None,
+        gguf_file: str | None = None,
+        cache_dir: str | None = None,
         model: TinyModelOptions = TinyModelOptions(),
         lora: LoraOptions | None = None,
+        task: str = "copy",
         prompt_file: str | None = None,
+        chat_template: bool = False,
         reward: str = "copy",
         sampling: SamplingConfig = SamplingConfig(max_new_tokens=3),
         group_size: int = 16,
@@ -90,13 +102,15 @@ class GRPOModule(pl.LightningModule):
         self.save_hyperparameters()
         self.reward_fn = reward_function(reward)
         if prompt_file is None:
-            self.train_items, self.held_out_items = copy_task()
+            self.train_items, self.held_out_items = task_items(task)
         else:
             self.train_items, self.held_out_items = load_prompt_file(prompt_file), []
+        if gguf_file is not None and pretrained_path is None:
+            raise ValueError("gguf_file needs pretrained_path: the directory (or package:NAME) that holds it")
         if pretrained_path is None:
             self.policy, self.tokenizer = tiny_policy(model)
         else:
-            self.policy, self.tokenizer = pretrained_policy(pretrained_path)
+            self.policy, self.tokenizer = load_pretrained(pretrained_path, gguf_file, cache_dir)
         if lora is not None:
             self.policy = with_lora(self.policy, lora)
         self.reference = None
@@ -108,7 +122,7 @@ class GRPOModule(pl.LightningModule):
         self.train_prompt_ids = [self._encode(item.prompt) for item in self.train_items]
 
     def _encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        return encode_prompt(text, self.tokenizer, self.hparams.chat_template)
 
     # ---------------------------------------------------------------- data
     def train_dataloader(self) -> DataLoader:

@@ -1,13 +1,12 @@
-"""Building the policy: a tiny random Llama for the embedded default, or a local HF directory,
-optionally wrapped in a peft LoRA adapter. Nothing is downloaded."""
+"""Building the policy: a tiny random Llama for the embedded default (a local pretrained model is
+loaded by ``entropy_callbacks.pretrained``), optionally wrapped in a peft LoRA adapter."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from .tokenizer import build_tokenizer
 
@@ -44,20 +43,6 @@ def tiny_policy(options: TinyModelOptions):
     with torch.random.fork_rng():
         torch.manual_seed(options.seed)
         model = LlamaForCausalLM(config)
-    return model, tokenizer
-
-
-def pretrained_policy(path: str):
-    """(model, tokenizer) from a local Hugging Face directory (never the hub)."""
-    directory = Path(path)
-    if not directory.is_dir():
-        raise ValueError(f"pretrained_path {path!r} is not a directory; point it at a local HF model folder")
-    model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True)
-    model.train()  # from_pretrained returns eval mode; training uses the model's own dropout settings
-    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
     return model, tokenizer
 
 
