@@ -14,7 +14,7 @@ import re
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 import lightning.pytorch as pl
 import torch
@@ -28,7 +28,7 @@ from .policy import check_trainable, resolve_policy, sampling_mismatch, special_
 from .prompts import load_prompts, tokenize_prompts
 from .reporting import (SMALL_G, JsonlFile, SeriesRuns, custom_scalars_layout, log_to_tensorboard, small_g_message,
                         summary_table)
-from .sampling import SamplingConfig, check_sampling_inputs
+from .sampling import ProbeBatch, SamplingConfig, check_sampling_inputs
 from .step_probe import ProbeOptions, ProbeRecord, StepProbe
 
 JSONL_NAME = "entropy_probe.jsonl"
@@ -54,6 +54,11 @@ class EntropyProbe(Callback):
         tokenizer: attribute path of the tokenizer, needed for string prompts and samples.
         chat_template: format each string prompt as a user turn of the tokenizer's chat template
             (as a chat model's rollouts are prompted).
+        sampler: draws E from your own rollout engine instead of the library's sampler: a
+            callable ``(model, prompts, config, *, responses_per_prompt, seed) -> ProbeBatch``
+            (``step_probe.Sampler``; in YAML a ``class_path`` of a callable class). Return the
+            engine's log-probabilities with the draws (``ProbeBatch.from_sequences(...,
+            proposal_log_probs=...)``) so the estimators correct for what it really sampled.
         seed: E at step t is drawn with a seed derived from (seed, t).
         snapshot_device: where θ₀ is kept: "auto" (the parameters' device) or "cpu".
         precision: compute dtype of the probe's passes. "auto" (default) measures in float64
@@ -85,6 +90,7 @@ class EntropyProbe(Callback):
         policy: str | None = None,
         tokenizer: str | None = None,
         chat_template: bool = False,
+        sampler: Optional[Callable[..., ProbeBatch]] = None,
         seed: int = 0,
         snapshot_device: Literal["auto", "cpu"] = "auto",
         precision: Literal["auto", "float64", "float32", "model"] = "auto",
@@ -116,6 +122,10 @@ class EntropyProbe(Callback):
         self.policy_path = policy
         self.tokenizer_path = tokenizer
         self.chat_template = chat_template
+        if sampler is not None and not callable(sampler):
+            raise ValueError(f"sampler must be callable (model, prompts, config, *, responses_per_prompt, seed) -> "
+                             f"ProbeBatch, got {type(sampler).__name__}")
+        self.sampler = sampler
         self.on_error = on_error
         self.log_samples = log_samples
         self.jsonl = jsonl
@@ -168,7 +178,7 @@ class EntropyProbe(Callback):
         if not indices:
             raise ValueError(f"EntropyProbe has {len(prompts)} prompts for {world} ranks; give at least one per rank")
         self.core = StepProbe(self.options, [prompts[i] for i in indices], eos_token_id=eos, pad_token_id=pad,
-                              prompt_indices=indices)
+                              prompt_indices=indices, sampler=self.sampler)
 
     # ------------------------------------------------------------------ hooks
     # Protocol: the probe of step t begins in on_before_optimizer_step (θ₀, before the step),

@@ -8,6 +8,7 @@ global RNG.
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Mapping, Sequence
@@ -62,10 +63,14 @@ def entropy_estimate(model, batch: ProbeBatch, *, params: Mapping[str, Tensor] |
     check_point(model, overrides, kind="params")
     point = StepPoint(overrides, {}, 0.0, resolve_precision(precision, model).values)
     with probe_mode(model), pass_numerics(model, point.dtype):
-        integrand = torch.cat([score_values(model, mb, point, estimator, at_origin=True).integrand
-                               for mb in batch.microbatches(microbatch_size)])
+        values = [score_values(model, mb, point, estimator, at_origin=True)
+                  for mb in batch.microbatches(microbatch_size)]
+    log_prob, integrand = (torch.cat([getattr(v, name) for v in values]) for name in ("log_prob", "integrand"))
+    proposal = _cpu(batch.proposal_log_probs)
+    _check_finite_origin(_cpu(log_prob), _cpu(integrand), model, point.dtype, proposal is not None)
     norm = estimators.normaliser(batch.response_lengths, normalize)
-    result = estimators.entropy_at_origin(integrand, norm, batch.group)
+    base_weights = estimators.proposal_weights(log_prob, proposal)
+    result = estimators.entropy_at_origin(integrand, norm, batch.group, base_weights)
     return Estimate(result.value, result.se, len(batch), int(batch.response_lengths.sum()),
                     estimators.degrees_of_freedom(batch.group))
 
@@ -88,6 +93,9 @@ class MeasurementTerms:
     partner_log_prob: Tensor
     partner_integrand: Tensor
     roundoff_ratio: float
+    proposal_log_prob: Tensor | None = None  # log p(y_i) when E came from another proposal
+
+
 
 
 @dataclass
@@ -104,16 +112,22 @@ class PredictionTerms:
     d2_log_prob: Tensor | None
     d2_integrand: Tensor | None
     roundoff: float
+    proposal_log_prob: Tensor | None = None
 
 
 def _cpu(x: Tensor | None) -> Tensor | None:
     return None if x is None else x.detach().to("cpu", torch.float64)
 
 
-def _check_finite_origin(log_prob: Tensor, integrand: Tensor, model, dtype: torch.dtype | None) -> None:
+def _check_finite_origin(log_prob: Tensor, integrand: Tensor, model, dtype: torch.dtype | None,
+                         proposal: bool = False) -> None:
     """At θ₀ every sampled sequence has a finite log-probability and entropy; a pass that says
-    otherwise overflowed (float16 does on GPT-2) and would poison every estimate with NaN."""
-    bad = ~(torch.isfinite(log_prob) & torch.isfinite(integrand))
+    otherwise overflowed (float16 does on GPT-2) and would poison every estimate with NaN.
+    A proposal's sequence may lie outside q_θ₀'s support (log q = −inf, weight 0), never NaN."""
+    if proposal:
+        bad = torch.isnan(log_prob) | torch.isnan(integrand) | (log_prob == math.inf)
+    else:
+        bad = ~(torch.isfinite(log_prob) & torch.isfinite(integrand))
     if bool(bad.any()):
         rounds_in = effective_dtype(dtype, model)
         raise ValueError(f"the probe's {rounds_in} pass gave non-finite log-probabilities or entropies at θ₀ for "
@@ -200,24 +214,27 @@ def measurement_terms(model, batch: ProbeBatch, base: Mapping[str, Tensor], delt
         # A lower-precision partner's error, scaled by the ratio of unit roundoffs, estimates the
         # value passes' error; a higher-precision partner's difference is that error itself.
         roundoff_ratio=min(1.0, unit / partner_roundoff),
+        proposal_log_prob=_cpu(batch.proposal_log_probs),
     )
-    _check_finite_origin(terms.log_prob_origin, terms.integrand_origin, model, dtype)
+    _check_finite_origin(terms.log_prob_origin, terms.integrand_origin, model, dtype,
+                         terms.proposal_log_prob is not None)
     return terms
 
 
 def summarize_measurement(terms: MeasurementTerms, scales: Sequence[float], normalize: str,
                           warn: bool = True) -> Measurement:
     norm = estimators.normaliser(terms.token_counts, normalize)
-    before = estimators.entropy_at_origin(terms.integrand_origin, norm, terms.group)
+    base = estimators.proposal_weights(terms.log_prob_origin, terms.proposal_log_prob)
+    before = estimators.entropy_at_origin(terms.integrand_origin, norm, terms.group, base)
     floor = estimators.rounding_floor(terms.integrand_origin, norm,
                                       terms.roundoff_ratio * (terms.partner_log_prob - terms.log_prob_origin),
-                                      terms.roundoff_ratio * (terms.partner_integrand - terms.integrand_origin))
+                                      terms.roundoff_ratio * (terms.partner_integrand - terms.integrand_origin), base)
     num_tokens = float(terms.token_counts.sum())
     shifts, outside = [], []
     for k, scale in enumerate(scales):
-        weights = estimators.snis_weights(terms.log_prob[k], terms.log_prob_origin)
+        weights = estimators.snis_weights(terms.log_prob[k], _sampled_from(terms))
         shifts.append(estimators.measured_shift(weights, terms.integrand[k], terms.integrand_origin, norm,
-                                                terms.group))
+                                                terms.group, base))
         mass = float(terms.outside_mass[k].sum()) / num_tokens
         outside.append(mass)
         if warn and mass > OUTSIDE_SUPPORT_WARNING:
@@ -239,7 +256,13 @@ def summarize_measurement(terms: MeasurementTerms, scales: Sequence[float], norm
         entropy_before_se=before.se,
         delta_floor=floor,
         dof=estimators.degrees_of_freedom(terms.group),
+        ess_origin=estimators.ess_fraction(base),
     )
+
+
+def _sampled_from(terms: MeasurementTerms) -> Tensor:
+    """log of the distribution E was drawn from: the proposal's, else S_i(θ₀)."""
+    return terms.log_prob_origin if terms.proposal_log_prob is None else terms.proposal_log_prob
 
 
 def measure_delta_h(model, batch: ProbeBatch, base: Mapping[str, Tensor], delta: Mapping[str, Tensor], *,
@@ -279,15 +302,17 @@ def prediction_terms(model, batch: ProbeBatch, base: Mapping[str, Tensor], delta
     cat = lambda name: None if getattr(parts[0], name) is None else _cpu(torch.cat([getattr(p, name) for p in parts]))  # noqa: E731
     terms = PredictionTerms(batch.group.cpu(), _cpu(batch.response_lengths), cat("log_prob"), cat("integrand"),
                             cat("d_log_prob"), cat("d_integrand"), cat("d2_log_prob"), cat("d2_integrand"),
-                            roundoff=unit_roundoff(effective_dtype(dtype, model)))
-    _check_finite_origin(terms.log_prob, terms.integrand, model, dtype)
+                            roundoff=unit_roundoff(effective_dtype(dtype, model)),
+                            proposal_log_prob=_cpu(batch.proposal_log_probs))
+    _check_finite_origin(terms.log_prob, terms.integrand, model, dtype, terms.proposal_log_prob is not None)
     return terms
 
 
 def summarize_prediction(terms: PredictionTerms, normalize: str) -> Prediction:
     norm = estimators.normaliser(terms.token_counts, normalize)
+    base = estimators.proposal_weights(terms.log_prob, terms.proposal_log_prob)
     taylor = estimators.taylor_terms(terms.integrand, norm, terms.d_log_prob, terms.d_integrand, terms.group,
-                                     terms.d2_log_prob, terms.d2_integrand)
+                                     terms.d2_log_prob, terms.d2_integrand, base)
     quadratic = None if taylor.curvature is None else taylor.linear + 0.5 * taylor.curvature
     return Prediction(
         entropy=taylor.entropy,
@@ -308,11 +333,13 @@ def taylor_gap(prediction: PredictionTerms, measurement: MeasurementTerms, norma
     """Measured ΔH at ``measurement``'s scale ``scale_index`` (s = 1) minus its best prediction,
     and the jackknife SE of that paired difference (``estimators.taylor_error``)."""
     norm = estimators.normaliser(measurement.token_counts, normalize)
-    weights = estimators.snis_weights(measurement.log_prob[scale_index], measurement.log_prob_origin)
+    # One set of θ₀ weights for both sides of the paired difference: the value pass's.
+    base = estimators.proposal_weights(measurement.log_prob_origin, measurement.proposal_log_prob)
+    weights = estimators.snis_weights(measurement.log_prob[scale_index], _sampled_from(measurement))
     measured = estimators.shift_columns(weights, measurement.integrand[scale_index], measurement.integrand_origin,
-                                        norm)
+                                        norm, base)
     taylor = estimators.taylor_terms(prediction.integrand, norm, prediction.d_log_prob, prediction.d_integrand,
-                                     prediction.group, prediction.d2_log_prob, prediction.d2_integrand)
+                                     prediction.group, prediction.d2_log_prob, prediction.d2_integrand, base)
     return estimators.taylor_error(measured, taylor.columns, prediction.group)
 
 

@@ -16,6 +16,13 @@ F = Σ f, C = Σ c, and g = g(0):
 
 (from g·D = N with N = Σ w f, D = Σ w c, w' = w S', w'' = w (S'' + S'²)).
 
+E drawn from another proposal p (the user's rollout engine: other kernels, precision or
+sampling settings; docs/method.md §3, Proposal) carries log p(y_i) per sequence. Every
+estimator then weights sequence i by b_i = q_θ₀(y_i)/p(y_i) (``proposal_weights``; all 1 when
+p = q_θ₀): every per-sequence column below is multiplied by b_i, and w_i(θ) becomes
+q_θ(y_i)/p(y_i) = b_i·exp(S_i(θ) − S_i(θ₀)). The formulas keep their form with
+Σ over i read as Σ_i b_i (·): e.g. g′(0) = Σ_i b_i [f'_i + (f_i − g c_i) S'_i] / Σ_i b_i c_i.
+
 Every statistic is a smooth function of column sums Σ_i x_i. Its standard error is the
 grouped (leave-one-prompt-out) jackknife, computed in O(N) from per-group sums:
 
@@ -133,18 +140,50 @@ class RatioTerms:
     se: float
 
 
-def entropy_at_origin(integrand: Tensor, norm: Tensor, group: Tensor) -> RatioTerms:
-    """Ĥ(θ₀) = Σ f_i / Σ c_i (all weights 1)."""
-    columns = torch.stack([_f64(integrand), _f64(norm)], 1)
+def proposal_weights(log_prob_origin: Tensor, proposal_log_prob: Tensor | None) -> Tensor | None:
+    """b_i = q_θ₀(y_i) / p(y_i), divided by max_i b_i (ratios are scale-free): the SNIS weights
+    at θ₀ of sequences drawn from the proposal p. None (every b_i = 1) when E came from q_θ₀.
+
+    A sequence outside q_θ₀'s support (S_i(θ₀) = −inf) gets weight 0.
+    """
+    if proposal_log_prob is None:
+        return None
+    log_b = _f64(log_prob_origin) - _f64(proposal_log_prob)
+    if not bool(torch.isfinite(log_b.max())):
+        raise ValueError("no sequence of E has positive probability under the policy (every q_θ₀(y_i)/p(y_i) is 0 "
+                         "or undefined): E was not drawn with the probe's sampling settings or tokens")
+    return torch.exp(log_b - log_b.max())
+
+
+def weighted(columns: Tensor, base: Tensor | None) -> Tensor:
+    """Per-sequence columns [N, K] times b_i (0 where b_i = 0, even against an infinite term)."""
+    if base is None:
+        return columns
+    b = _f64(base)[:, None]
+    return torch.where(b > 0, b * columns, 0.0)
+
+
+def ess_fraction(weights: Tensor | None) -> float:
+    """(Σ w)² / Σ w² / N: 1 when all weights are equal (and when ``weights`` is None)."""
+    if weights is None:
+        return 1.0
+    w = _f64(weights)
+    return float(w.sum() ** 2 / (w.square().sum() * w.numel()))
+
+
+def entropy_at_origin(integrand: Tensor, norm: Tensor, group: Tensor, base: Tensor | None = None) -> RatioTerms:
+    """Ĥ(θ₀) = Σ b_i f_i / Σ b_i c_i (b_i = 1 when E came from q_θ₀)."""
+    columns = weighted(torch.stack([_f64(integrand), _f64(norm)], 1), base)
     return RatioTerms(float(_ratio(columns.sum(0))), jackknife_se(columns, group, _ratio))
 
 
-def snis_weights(log_prob: Tensor, log_prob_origin: Tensor) -> Tensor:
-    """w_i = exp(S_i(θ) − S_i(θ₀)), divided by max_i w_i (the SNIS ratio is scale-free).
+def snis_weights(log_prob: Tensor, log_prob_reference: Tensor) -> Tensor:
+    """w_i = exp(S_i(θ) − log r(y_i)), divided by max_i w_i (the SNIS ratio is scale-free), with
+    r the distribution E was drawn from: q_θ₀ (``log_prob_reference`` = S_i(θ₀)) or a proposal p.
 
     A sequence whose sampled token left the support (S_i(θ) = −inf) gets weight 0.
     """
-    log_w = _f64(log_prob) - _f64(log_prob_origin)
+    log_w = _f64(log_prob) - _f64(log_prob_reference)
     return torch.exp(log_w - log_w.max())
 
 
@@ -163,25 +202,28 @@ def _delta(sums: Tensor) -> Tensor:
     return sums[..., 0] / sums[..., 1] - sums[..., 2] / sums[..., 3]
 
 
-def shift_columns(weights: Tensor, integrand: Tensor, integrand_origin: Tensor, norm: Tensor) -> Tensor:
-    """Per-sequence columns [w f(θ_s), w c, f(θ₀), c] whose sums give ΔH(s) (``_delta``)."""
+def shift_columns(weights: Tensor, integrand: Tensor, integrand_origin: Tensor, norm: Tensor,
+                  base: Tensor | None = None) -> Tensor:
+    """Per-sequence columns [w f(θ_s), w c, b f(θ₀), b c] whose sums give ΔH(s) (``_delta``);
+    w_i the SNIS weights at θ_s, b_i those at θ₀ (``proposal_weights``; 1 without a proposal)."""
     w = _f64(weights)
     # 0·∞ guard: a sequence with weight 0 contributes nothing even if f_i(θ) is infinite.
     weighted_f = torch.where(w > 0, w * _f64(integrand), 0.0)
-    return torch.stack([weighted_f, w * _f64(norm), _f64(integrand_origin), _f64(norm)], 1)
+    at_origin = weighted(torch.stack([_f64(integrand_origin), _f64(norm)], 1), base)
+    return torch.cat([torch.stack([weighted_f, w * _f64(norm)], 1), at_origin], 1)
 
 
 def measured_shift(weights: Tensor, integrand: Tensor, integrand_origin: Tensor, norm: Tensor,
-                   group: Tensor) -> ShiftTerms:
-    """ΔH(s) = Σ w f(θ_s) / Σ w c − Σ f(θ₀) / Σ c, with ESS = (Σw)² / Σw² / N."""
-    w = _f64(weights)
-    columns = shift_columns(weights, integrand, integrand_origin, norm)
+                   group: Tensor, base: Tensor | None = None) -> ShiftTerms:
+    """ΔH(s) = Σ w f(θ_s) / Σ w c − Σ b f(θ₀) / Σ b c, with ESS = (Σw)² / Σw² / N."""
+    columns = shift_columns(weights, integrand, integrand_origin, norm, base)
     sums = columns.sum(0)
-    ess = float(w.sum() ** 2 / (w.square().sum() * w.numel()))
-    return ShiftTerms(float(_ratio(sums)), float(_delta(sums)), jackknife_se(columns, group, _delta), ess)
+    return ShiftTerms(float(_ratio(sums)), float(_delta(sums)), jackknife_se(columns, group, _delta),
+                      ess_fraction(weights))
 
 
-def rounding_floor(integrand: Tensor, norm: Tensor, log_prob_error: Tensor, integrand_error: Tensor) -> float:
+def rounding_floor(integrand: Tensor, norm: Tensor, log_prob_error: Tensor, integrand_error: Tensor,
+                   base: Tensor | None = None) -> float:
     """Estimated rounding error of a measured ΔH, from the rounding errors e_S,i and e_f,i of
     S_i and f_i at one point (estimated by re-running that pass in another precision).
 
@@ -190,10 +232,14 @@ def rounding_floor(integrand: Tensor, norm: Tensor, log_prob_error: Tensor, inte
     the same, so the floor bounds each point's error by Σ_i |r_i| and adds the two:
 
         floor = 2 Σ_i |r_i| .
+
+    With a proposal, r_i = b_i [e_f,i + (f_i − Ĥ c_i) e_S,i] / Σ b c (S_i(θ₀) then enters b_i).
     """
     f, c = _f64(integrand), _f64(norm)
-    total = c.sum()
-    r = (_f64(integrand_error) + (f - f.sum() / total * c) * _f64(log_prob_error)) / total
+    b = torch.ones_like(f) if base is None else _f64(base)
+    total = (b * c).sum()
+    value = (b * f).sum() / total
+    r = weighted(((_f64(integrand_error) + (f - value * c) * _f64(log_prob_error)) / total)[:, None], base)
     return float(2 * r.abs().sum())
 
 
@@ -228,23 +274,25 @@ def _curvature(sums: Tensor) -> Tensor:
 
 
 def taylor_terms(integrand: Tensor, norm: Tensor, d_log_prob: Tensor, d_integrand: Tensor, group: Tensor,
-                 d2_log_prob: Tensor | None = None, d2_integrand: Tensor | None = None) -> TaylorTerms:
+                 d2_log_prob: Tensor | None = None, d2_integrand: Tensor | None = None,
+                 base: Tensor | None = None) -> TaylorTerms:
     """g(0), g′(0) (and g″(0) when second derivatives are given), per the module formulas.
 
-    Per-sequence linear contributions: a_i = [f'_i + (f_i − g c_i) S'_i] / C.
+    Per-sequence linear contributions: a_i = b_i [f'_i + (f_i − g c_i) S'_i] / Σ b c.
     """
     f, c, ds, df = _f64(integrand), _f64(norm), _f64(d_log_prob), _f64(d_integrand)
-    first = torch.stack([f, c, df, f * ds, c * ds], 1)
+    first = weighted(torch.stack([f, c, df, f * ds, c * ds], 1), base)
     sums = first.sum(0)
     g = float(_ratio(sums))
-    per_sequence = (df + (f - g * c) * ds) / sums[1]
-    origin = entropy_at_origin(f, c, group)
+    per_sequence = weighted(((df + (f - g * c) * ds) / sums[1])[:, None], base)[:, 0]
+    origin = entropy_at_origin(f, c, group, base)
     terms = dict(entropy=g, entropy_se=origin.se, linear=float(_linear(sums)),
                  linear_se=jackknife_se(first, group, _linear), per_sequence_linear=per_sequence)
     if d2_log_prob is None:
         return TaylorTerms(**terms, columns=first)
     d2s, d2f = _f64(d2_log_prob), _f64(d2_integrand)
-    second = torch.cat([first, torch.stack([f * d2s, c * d2s, d2f, f * ds**2, c * ds**2, ds * df], 1)], 1)
+    extra = weighted(torch.stack([f * d2s, c * d2s, d2f, f * ds**2, c * ds**2, ds * df], 1), base)
+    second = torch.cat([first, extra], 1)
     return TaylorTerms(**terms, curvature=float(_curvature(second.sum(0))),
                        curvature_se=jackknife_se(second, group, _curvature),
                        quadratic_se=jackknife_se(second, group, _quadratic), columns=second)

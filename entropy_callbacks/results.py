@@ -59,3 +59,6 @@ class Measurement:
     entropy_before_se: float = float("nan")
     delta_floor: float = float("nan")  # estimated rounding error of each delta (docs/method.md, Precision)
     dof: int = 0  # of every SE here: prompt groups − 1
+    # ESS fraction of the weights q_θ₀/p at θ₀: 1 when E came from q_θ₀; below 1 it measures how
+    # far the proposal E was drawn from (the rollout engine) is from the policy the probe scores.
+    ess_origin: float = 1.0

@@ -68,6 +68,53 @@ class ProbeBatch:
     seed: int = 0
     # log q_θ₀(y_ik) as the sampler computed it, 0 where response_mask is False.
     sampler_log_probs: Tensor | None = field(default=None, repr=False)
+    # [N] float64: log p(y_i | x_i) under the proposal E was actually drawn from (the user's
+    # rollout engine); None: drawn from q_θ₀ itself. The estimators then weight by q_θ₀/p.
+    proposal_log_probs: Tensor | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_sequences(cls, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
+                       config: SamplingConfig, *, eos_token_id: int | Sequence[int], pad_token_id: int,
+                       responses_per_prompt: int = 1,
+                       proposal_log_probs: Sequence[float] | Tensor | None = None) -> "ProbeBatch":
+        """E from rollouts drawn elsewhere (HF ``generate``, vLLM, SGLang, ...).
+
+        ``prompts``: G token-id lists. ``responses``: G·R token-id lists, prompt-major (the R
+        responses of prompt 0, then of prompt 1, ...), each ending at its first EOS (included)
+        or at ``config.max_new_tokens``; padding after the EOS is dropped. ``proposal_log_probs``:
+        G·R values log p(y | x), summed over each response's tokens, under the distribution the
+        engine really sampled from. Without them E is taken to be drawn from q_θ₀ as the probe
+        scores it (``config``), which holds only when the engine samples exactly that
+        distribution. The proposal must give positive probability to every response q_θ₀ can
+        produce (e.g. sample at a higher temperature or a wider top-p, not a narrower one).
+        """
+        if _not_int(responses_per_prompt) or responses_per_prompt < 1:
+            raise ValueError(f"responses_per_prompt must be >= 1, got {responses_per_prompt}")
+        prompts = _check_prompts(prompts, None)
+        eos = set(_eos_set(eos_token_id))
+        if len(responses) != len(prompts) * responses_per_prompt:
+            raise ValueError(f"{len(responses)} responses for {len(prompts)} prompts x {responses_per_prompt} "
+                             f"responses per prompt; give G·R responses, prompt-major")
+        rows = [_response(i, r, eos, pad_token_id, config.max_new_tokens) for i, r in enumerate(responses)]
+        proposal = None
+        if proposal_log_probs is not None:
+            proposal = torch.as_tensor(proposal_log_probs, dtype=torch.float64).flatten()
+            if proposal.numel() != len(rows):
+                raise ValueError(f"proposal_log_probs has {proposal.numel()} values for {len(rows)} responses; "
+                                 "give one log p(y | x) per response, summed over its tokens")
+            if not bool(torch.isfinite(proposal).all()) or bool((proposal > 1e-9).any()):
+                raise ValueError("proposal_log_probs must be finite log-probabilities (<= 0), one per response")
+        group = [g for g in range(len(prompts)) for _ in range(responses_per_prompt)]
+        index = [r for _ in prompts for r in range(responses_per_prompt)]
+        width = max(len(p) for p in prompts)
+        length = max(len(row) for row in rows)
+        tokens = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
+        counted = torch.zeros((len(rows), length), dtype=torch.bool)
+        for i, row in enumerate(rows):
+            tokens[i, :len(row)] = torch.tensor(row)
+            counted[i, :len(row)] = True
+        return _assemble([prompts[g] for g in group], width, tokens, counted, group, index, config, pad_token_id,
+                         seed=0, proposal_log_probs=proposal)
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -94,6 +141,7 @@ class ProbeBatch:
             group=self.group[index],
             response_index=self.response_index[index],
             sampler_log_probs=pick(self.sampler_log_probs),
+            proposal_log_probs=pick(self.proposal_log_probs),
         )
 
     def microbatches(self, size: int | None) -> Iterator["ProbeBatch"]:
@@ -112,7 +160,49 @@ class ProbeBatch:
             group=move(self.group),
             response_index=move(self.response_index),
             sampler_log_probs=move(self.sampler_log_probs),
+            proposal_log_probs=move(self.proposal_log_probs),
         )
+
+
+def _response(i: int, response: Sequence[int], eos: set[int], pad_token_id: int, max_new_tokens: int) -> list[int]:
+    """Response ``i``'s counted tokens: up to and including its first EOS (padding after it dropped)."""
+    ids = [int(t) for t in (response.tolist() if isinstance(response, Tensor) else response)]
+    end = next((k + 1 for k, t in enumerate(ids) if t in eos), len(ids))
+    if any(t != pad_token_id and t not in eos for t in ids[end:]):
+        raise ValueError(f"response {i} has tokens after its first EOS; end each response at its EOS")
+    ids = ids[:end]
+    if not ids:
+        raise ValueError(f"response {i} is empty; every response needs at least one token (its EOS)")
+    if len(ids) > max_new_tokens:
+        raise ValueError(f"response {i} has {len(ids)} tokens, more than config.max_new_tokens "
+                         f"({max_new_tokens}); use the rollout engine's max_new_tokens in the SamplingConfig")
+    if ids[-1] not in eos and len(ids) < max_new_tokens:
+        raise ValueError(f"response {i} stops after {len(ids)} tokens without EOS, before max_new_tokens "
+                         f"({max_new_tokens}); q_θ ends a response only at EOS or at max_new_tokens (a stop "
+                         "string is not modelled): sample without stop strings or pass the full responses")
+    return ids
+
+
+def _assemble(prompt_rows: list[list[int]], width: int, tokens: Tensor, counted: Tensor, group: Sequence[int],
+              response_index: Sequence[int], config: SamplingConfig, pad_token_id: int, *, seed: int,
+              sampler_log_probs: Tensor | None = None, proposal_log_probs: Tensor | None = None) -> ProbeBatch:
+    """A ProbeBatch from left-padded prompts and right-aligned responses (``tokens``, ``counted`` [n, T])."""
+    n, device = len(prompt_rows), tokens.device
+    prompt_ids, prompt_mask = _left_pad(prompt_rows, width, pad_token_id, device)
+    no_response = torch.zeros((n, width), dtype=torch.bool, device=device)
+    return ProbeBatch(
+        input_ids=torch.cat([prompt_ids, tokens], 1),
+        attention_mask=torch.cat([prompt_mask, counted.long()], 1),
+        response_mask=torch.cat([no_response, counted], 1),
+        group=torch.tensor(list(group), device=device),
+        response_index=torch.tensor(list(response_index), device=device),
+        config=config,
+        prompt_length=width,
+        seed=seed,
+        sampler_log_probs=(None if sampler_log_probs is None
+                           else torch.cat([torch.zeros((n, width), device=device), sampler_log_probs], 1)),
+        proposal_log_probs=proposal_log_probs,
+    )
 
 
 def row_seed(seed: int, prompt_index: int, response_index: int) -> int:
@@ -262,17 +352,5 @@ def sample_batch(model, prompts: Sequence[Sequence[int]], config: SamplingConfig
     counted = counted[:, :length]
     log_probs = log_probs[:, :length].masked_fill(~counted, 0.0)
 
-    n = len(rows)
-    prompt_ids, prompt_mask = _left_pad([prompt for prompt, _, _ in rows], width, pad_token_id, device)
-    no_response = torch.zeros((n, width), dtype=torch.bool, device=device)
-    return ProbeBatch(
-        input_ids=torch.cat([prompt_ids, tokens], 1),
-        attention_mask=torch.cat([prompt_mask, counted.long()], 1),
-        response_mask=torch.cat([no_response, counted], 1),
-        group=torch.tensor([g for _, g, _ in rows], device=device),
-        response_index=torch.tensor([r for _, _, r in rows], device=device),
-        config=config,
-        prompt_length=width,
-        seed=seed,
-        sampler_log_probs=torch.cat([torch.zeros((n, width), device=device), log_probs], 1),
-    )
+    return _assemble([prompt for prompt, _, _ in rows], width, tokens, counted, [g for _, g, _ in rows],
+                     [r for _, _, r in rows], config, pad_token_id, seed=seed, sampler_log_probs=log_probs)

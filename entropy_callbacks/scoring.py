@@ -68,12 +68,14 @@ def _token_terms(model, batch: ProbeBatch, point: StepPoint, estimator: str, *,
     """Per-sequence S and f (and the support/outside-mass extras of a value pass)."""
     targets = batch.input_ids[:, batch.prompt_length:]
     counted = batch.response_mask[:, batch.prompt_length:]
-    # At θ₀ the sampled token is in the support by construction; forcing it in guards against
-    # a tie at the top-k/top-p boundary resolved differently by the sampler's numerics.
+    # At θ₀ a token our sampler drew is in the support by construction; forcing it in guards
+    # against a tie at the top-k/top-p boundary resolved differently by the sampler's numerics.
+    # A proposal's token outside the support is not forced: its weight q_θ₀/p is then 0.
     logits = _logits(model, batch, point)
     if vocab_float64:
         logits = logits.to(torch.float64)
-    log_q, support = sampling_log_probs(logits, batch.config, force=targets if at_origin else None)
+    force = targets if at_origin and batch.proposal_log_probs is None else None
+    log_q, support = sampling_log_probs(logits, batch.config, force=force)
     token_log_prob = log_q.gather(-1, targets[..., None]).squeeze(-1)
     log_prob = token_log_prob.masked_fill(~counted, 0.0).double().sum(-1)
     if estimator == "rb":

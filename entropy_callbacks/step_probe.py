@@ -13,7 +13,7 @@ import hashlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Literal, Sequence
+from typing import Literal, Protocol, Sequence
 
 import torch
 
@@ -24,6 +24,38 @@ from .params import check_scales
 from .precision import Precision, check_precision, resolve_precision
 from .sampling import ProbeBatch, SamplingConfig, sample_batch
 from .step import is_skipped, snapshot, step_delta, step_norm
+
+
+class Sampler(Protocol):
+    """Draws E for the probe from the user's own rollout engine.
+
+    Called as ``sampler(model, prompts, config, responses_per_prompt=R, seed=seed)`` with the
+    policy at θ₀, G token-id prompts and the probe's SamplingConfig; returns a ProbeBatch of
+    G·R sequences, prompt-major, with ``config`` as given (it defines the q_θ the probe scores),
+    usually from ``ProbeBatch.from_sequences(..., proposal_log_probs=...)``. It must not change
+    the model's parameters or the global RNG (fork it: ``torch.random.fork_rng``).
+    """
+
+    def __call__(self, model: torch.nn.Module, prompts: list[list[int]], config: SamplingConfig, *,
+                 responses_per_prompt: int, seed: int) -> ProbeBatch: ...
+
+
+def check_sampled(batch: object, config: SamplingConfig, prompts: int, responses_per_prompt: int) -> ProbeBatch:
+    """A sampler's result, checked: what the probe will score must be what it asked for."""
+    if not isinstance(batch, ProbeBatch):
+        raise ValueError(f"the sampler returned {type(batch).__name__}; return a ProbeBatch "
+                         "(ProbeBatch.from_sequences turns token lists into one)")
+    if len(batch) != prompts * responses_per_prompt:
+        raise ValueError(f"the sampler returned {len(batch)} sequences for {prompts} prompts x "
+                         f"{responses_per_prompt} responses; return G·R sequences, prompt-major")
+    if batch.config != config:
+        raise ValueError(f"the sampler's ProbeBatch has config {batch.config}, the probe's is {config}; build it "
+                         "with the config the sampler was given (it defines the q_θ the probe scores)")
+    expected = torch.arange(prompts).repeat_interleave(responses_per_prompt)
+    if not torch.equal(batch.group.cpu(), expected):
+        raise ValueError("the sampler's ProbeBatch is not prompt-major (group must be 0,0,..,1,1,..): give the "
+                         "R responses of each prompt together, in the order of the prompts")
+    return batch
 
 
 @dataclass(frozen=True)
@@ -181,8 +213,9 @@ class StepProbe:
     """Predict and measure the entropy change of selected optimizer steps of one policy."""
 
     def __init__(self, options: ProbeOptions, prompts: Sequence[Sequence[int]], *, eos_token_id, pad_token_id: int,
-                 prompt_indices: Sequence[int] | None = None) -> None:
+                 prompt_indices: Sequence[int] | None = None, sampler: Sampler | None = None) -> None:
         self.options = options
+        self.sampler = sampler
         self.prompts = [list(p) for p in prompts]
         self.prompt_indices = list(range(len(self.prompts))) if prompt_indices is None else list(prompt_indices)
         self.eos_token_id = eos_token_id
@@ -196,10 +229,17 @@ class StepProbe:
         """Before the optimizer step: sample E at θ₀ and snapshot the trainable parameters."""
         started = time.perf_counter()
         o = self.options
-        batch = sample_batch(model, self.prompts, o.sampling, eos_token_id=self.eos_token_id,
-                             pad_token_id=self.pad_token_id, responses_per_prompt=o.responses_per_prompt,
-                             seed=step_seed(o.seed, step), batch_size=o.microbatch_size,
-                             prompt_indices=self.prompt_indices)
+        if self.sampler is None:
+            batch = sample_batch(model, self.prompts, o.sampling, eos_token_id=self.eos_token_id,
+                                 pad_token_id=self.pad_token_id, responses_per_prompt=o.responses_per_prompt,
+                                 seed=step_seed(o.seed, step), batch_size=o.microbatch_size,
+                                 prompt_indices=self.prompt_indices)
+        else:
+            batch = check_sampled(self.sampler(model, self.prompts, o.sampling, responses_per_prompt=o.responses_per_prompt,
+                                               seed=step_seed(o.seed, step)),
+                                  o.sampling, len(self.prompts), o.responses_per_prompt)
+            # The rank's prompts have global indices (DDP shards): the jackknife groups use them.
+            batch.group = torch.as_tensor(self.prompt_indices, device=batch.group.device)[batch.group]
         self.pending = _Pending(step, batch, snapshot(model, o.snapshot_device), lr, started,
                                 time.perf_counter() - started)
         return batch
