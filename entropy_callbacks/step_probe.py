@@ -120,6 +120,8 @@ class ProbeRecord:
     delta_measured_at: list[float] = field(default_factory=list)
     delta_measured_se_at: list[float] = field(default_factory=list)
     ess_at: list[float] = field(default_factory=list)
+    ess_origin: float = 1.0  # of the weights q_θ₀/p at θ₀: below 1 when E came from another proposal
+    proposal: bool = False  # E carried proposal log-probabilities (a sampler of the user's)
     outside_support: list[float] = field(default_factory=list)
     num_sequences: int = 0
     num_tokens: int = 0
@@ -155,6 +157,8 @@ class ProbeRecord:
             "delta_linear_per_lr_se": self.delta_linear_per_lr_se,
             "probe_seconds": self.probe_seconds,
         }
+        if self.proposal:
+            m["ess_origin"] = self.ess_origin  # the rollout engine's mismatch with the scorer
         if self.delta_quadratic is not None:
             m["delta_quadratic"] = self.delta_quadratic
             m["delta_quadratic_se"] = self.delta_quadratic_se
@@ -320,6 +324,8 @@ class StepProbe:
             delta_measured_at=list(measured.delta),
             delta_measured_se_at=list(measured.delta_se),
             ess_at=list(measured.ess_fraction),
+            ess_origin=measured.ess_origin,
+            proposal=measurement.proposal_log_prob is not None,
             outside_support=list(measured.outside_support),
             num_sequences=int(prediction.group.numel()),
             dof=predicted.dof,
