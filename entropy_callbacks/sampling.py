@@ -237,9 +237,10 @@ def _mix(x: Tensor) -> Tensor:
 def counter_uniforms(row_keys: Tensor, step: int, vocab: int) -> Tensor:
     """U(0, 1) noise [n, vocab] (float64, never 0 or 1): entry (i, v) is a function of
     (row_keys[i], step, v) only, drawn for all rows by the same handful of tensor operations."""
+    # splitmix64: a stream seeded per (row, step), read at index v = state + v·golden, mixed.
     per_row = _mix(row_keys + _signed((step + 1) * 0xD1B54A32D192ED03))
     tokens = torch.arange(vocab, device=row_keys.device, dtype=torch.int64) * _GOLDEN
-    bits = _mix(_mix(per_row[:, None] ^ tokens))
+    bits = _mix(per_row[:, None] + tokens)
     return (_shift_right(bits, 11).to(torch.float64) + 0.5) * 2.0**-53
 
 
