@@ -29,7 +29,7 @@ from .prompts import load_prompts, tokenize_prompts
 from .reporting import (SMALL_G, JsonlFile, SeriesRuns, custom_scalars_layout, log_to_tensorboard, small_g_message,
                         summary_table)
 from .sampling import ProbeBatch, SamplingConfig, check_sampling_inputs
-from .step_probe import ProbeOptions, ProbeRecord, StepProbe
+from .step_probe import DEFAULT_DEFENSIVE, ProbeOptions, ProbeRecord, StepProbe
 
 JSONL_NAME = "entropy_probe.jsonl"
 RECORDS_KEPT = 1000  # in memory; the JSONL file holds every record
@@ -65,6 +65,9 @@ class EntropyProbe(Callback):
             and differentiates in float32, so the measured ΔH is the step and not rounding at
             any learning rate; "float64", "float32" or "model" (the model's own dtypes: cheapest,
             exact only for float64 models). docs/method.md, Precision, gives what each costs.
+        defensive: with top-k/top-p, E is drawn from (1 − ε)·q_θ₀ + ε·(q_θ₀ untruncated) with
+            ε = ``defensive`` (default 0.1) and weighted back, so a step that moves tokens into
+            the support is still measured without bias; 0: draw from q_θ₀ (docs/method.md §3).
         on_error: "warn" (count and continue) or "raise".
         log_samples: how many decoded responses of E to log as TensorBoard text.
         jsonl: write every probe to ``entropy_probe.jsonl`` in the logger's directory.
@@ -94,6 +97,7 @@ class EntropyProbe(Callback):
         seed: int = 0,
         snapshot_device: Literal["auto", "cpu"] = "auto",
         precision: Literal["auto", "float64", "float32", "model"] = "auto",
+        defensive: float = DEFAULT_DEFENSIVE,
         on_error: Literal["warn", "raise"] = "warn",
         log_samples: int = 4,
         jsonl: bool = True,
@@ -105,7 +109,8 @@ class EntropyProbe(Callback):
         self.options = ProbeOptions(
             sampling=sampling, every_n_steps=every_n_steps, responses_per_prompt=responses_per_prompt,
             order=order, scales=tuple(scales), normalize=normalize, estimator=estimator,
-            microbatch_size=microbatch_size, seed=seed, snapshot_device=snapshot_device, precision=precision)
+            microbatch_size=microbatch_size, seed=seed, snapshot_device=snapshot_device, precision=precision,
+            defensive=defensive)
         if on_error not in ("warn", "raise"):
             raise ValueError(f"on_error must be 'warn' or 'raise', got {on_error!r}")
         if log_samples < 0:

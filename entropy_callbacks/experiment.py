@@ -32,7 +32,7 @@ from .reporting import SMALL_G, small_g_message
 from .prompts import load_prompts, tokenize_prompts
 from .sampling import SamplingConfig, sample_batch
 from .step import snapshot, step_delta, step_norm
-from .step_probe import ProbeOptions
+from .step_probe import DEFAULT_DEFENSIVE, ProbeOptions
 
 
 @dataclass
@@ -48,7 +48,7 @@ class ProbeExperiment:
         trials: number of one-step trials (K).
         scales: step scales of the sweep.
         responses_per_prompt: R.
-        order, normalize, estimator, microbatch_size, precision: as for EntropyProbe.
+        order, normalize, estimator, microbatch_size, precision, defensive: as for EntropyProbe.
         lr: the learning rate of every trial's step (None: the optimizer's, as checkpointed).
             Probing one state at lr 1e-6…1e-4 shows what a realistic step does to entropy.
         seed: E and the trials' update batches derive from it.
@@ -66,6 +66,7 @@ class ProbeExperiment:
     estimator: Literal["rb", "naive"] = "rb"
     microbatch_size: int | None = 64
     precision: Literal["auto", "float64", "float32", "model"] = "auto"
+    defensive: float = DEFAULT_DEFENSIVE
     lr: float | None = None
     seed: int = 0
     output_root: str = "runs/probe"
@@ -78,7 +79,8 @@ class ProbeExperiment:
         # Reuse the callback's validation of the shared options.
         ProbeOptions(sampling=self.sampling, responses_per_prompt=self.responses_per_prompt, order=self.order,
                      scales=tuple(self.scales), normalize=self.normalize, estimator=self.estimator,
-                     microbatch_size=self.microbatch_size, seed=self.seed, precision=self.precision)
+                     microbatch_size=self.microbatch_size, seed=self.seed, precision=self.precision,
+                     defensive=self.defensive)
 
 
 def trial_seed(seed: int, trial: int) -> int:
@@ -298,7 +300,8 @@ def run_experiment(module, experiment: ProbeExperiment, ckpt_path: str | None = 
     with preserved_rng():
         batch_e = sample_batch(policy, prompt_ids, experiment.sampling, eos_token_id=eos, pad_token_id=pad,
                                responses_per_prompt=experiment.responses_per_prompt,
-                               seed=trial_seed(experiment.seed, -1), batch_size=experiment.microbatch_size)
+                               seed=trial_seed(experiment.seed, -1), batch_size=experiment.microbatch_size,
+                               defensive=experiment.defensive)
     plan = {"ckpt_path": ckpt_path, "trials": experiment.trials, "scales": list(experiment.scales),
             "trial_seeds": [trial_seed(experiment.seed, k) for k in range(experiment.trials)],
             "num_prompts": len(prompt_ids), "responses_per_prompt": experiment.responses_per_prompt,

@@ -314,14 +314,32 @@ def eos_check_interval(device: torch.device) -> int:
     return 8 if device.type == "cuda" else 1
 
 
+def check_defensive(defensive: float) -> float:
+    if isinstance(defensive, bool) or not isinstance(defensive, (int, float)) or not 0.0 <= defensive < 1.0:
+        raise ValueError(f"defensive must be a number in [0, 1) (the weight of the untruncated distribution in "
+                         f"E's proposal; 0: sample q_θ₀ itself), got {defensive!r}")
+    return float(defensive)
+
+
+def defensive_log_probs(logits: Tensor, log_q: Tensor, config: SamplingConfig, defensive: float) -> Tensor:
+    """log p of the defensive proposal p = (1 − ε)·q + ε·q_full at one position, where q is the
+    truncated sampling distribution and q_full the same temperature without top-k/top-p: it gives
+    every token positive probability, so tokens a step moves into the support are in E too
+    (docs/method.md §3, Defensive proposal)."""
+    full, _ = sampling_log_probs(logits, replace(config, top_k=0, top_p=1.0))
+    return torch.logaddexp(log_q + math.log1p(-defensive), full + math.log(defensive))
+
+
 @torch.no_grad()
 def _decode(model, rows: list[tuple[list[int], int, int]], width: int, config: SamplingConfig,
-            eos: Tensor, pad_token_id: int, seed: int, device: torch.device) -> tuple[Tensor, Tensor]:
+            eos: Tensor, pad_token_id: int, seed: int, device: torch.device,
+            defensive: float = 0.0) -> tuple[Tensor, Tensor, Tensor | None]:
     """Sample responses for ``rows`` = [(prompt ids, prompt index, response index)].
 
-    Returns (tokens [n, steps], log q of each sampled token [n, steps]). Noise is counter-based
-    (``counter_uniforms``), so row i's draw at step t is the same in any batch; a row that has
-    ended keeps decoding PAD until every row has, or until ``max_new_tokens``.
+    Returns (tokens [n, steps], log q of each sampled token [n, steps], and with ``defensive`` > 0
+    the log-probability of each under the proposal it was drawn from, else None). Noise is
+    counter-based (``counter_uniforms``), so row i's draw at step t is the same in any batch; a
+    row that has ended keeps decoding PAD until every row has, or until ``max_new_tokens``.
     """
     n, steps = len(rows), config.max_new_tokens
     ids, prompt_mask = _left_pad([prompt for prompt, _, _ in rows], width, pad_token_id, device)
@@ -330,7 +348,7 @@ def _decode(model, rows: list[tuple[list[int], int, int]], width: int, config: S
     mask[:, :width] = prompt_mask
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     tokens = torch.full((n, steps), pad_token_id, dtype=torch.long, device=device)
-    log_probs = None  # in the dtype of the sampling log-probabilities (float64 for a float64 model)
+    log_probs = proposal = None  # in the dtype of the sampling log-probabilities (float64 for a float64 model)
     finished = torch.zeros(n, dtype=torch.bool, device=device)
     check_every = eos_check_interval(device)
     cache, step_input, done = None, ids, 0
@@ -341,25 +359,33 @@ def _decode(model, rows: list[tuple[list[int], int, int]], width: int, config: S
         out = model(**kwargs, **cache_kwargs(model, cache), use_cache=True)
         cache = returned_cache(out)
         logq, _ = sampling_log_probs(out.logits[:, -1], config)
+        logp = defensive_log_probs(out.logits[:, -1], logq, config, defensive) if defensive > 0 else logq
         gumbel = -torch.log(-torch.log(counter_uniforms(keys, t, logq.shape[-1]))).to(logq.dtype)
-        token = torch.where(finished, pad_token_id, (logq + gumbel).argmax(-1))
+        token = torch.where(finished, pad_token_id, (logp + gumbel).argmax(-1))
         tokens[:, t] = token
         if log_probs is None:
             log_probs = torch.zeros((n, steps), dtype=logq.dtype, device=device)
+            proposal = torch.zeros_like(log_probs) if defensive > 0 else None
         log_probs[:, t] = logq.gather(-1, token[:, None]).squeeze(-1).masked_fill(finished, 0.0)
+        if proposal is not None:
+            proposal[:, t] = logp.gather(-1, token[:, None]).squeeze(-1).masked_fill(finished, 0.0)
         finished |= torch.isin(token, eos)
         done = t + 1
         if done % check_every == 0 and bool(finished.all()):
             break
         step_input = token[:, None]
-    return tokens[:, :done], log_probs[:, :done]
+    return tokens[:, :done], log_probs[:, :done], (None if proposal is None else proposal[:, :done])
 
 
 def sample_batch(model, prompts: Sequence[Sequence[int]], config: SamplingConfig, *,
                  eos_token_id: int | Sequence[int], pad_token_id: int, responses_per_prompt: int = 1,
                  seed: int = 0, batch_size: int | None = None,
-                 prompt_indices: Sequence[int] | None = None) -> ProbeBatch:
+                 prompt_indices: Sequence[int] | None = None, defensive: float = 0.0) -> ProbeBatch:
     """Sample E: ``responses_per_prompt`` responses for each prompt from the model as it is.
+
+    ``defensive`` = ε > 0 with top-k/top-p draws from (1 − ε)·q_θ₀ + ε·(q_θ₀ untruncated) per
+    token and records that proposal (``proposal_log_probs``), so that a measured ΔH sees tokens a
+    step moves into the support; without truncation it changes nothing.
 
     ``prompt_indices`` gives each prompt's global index g (default 0..G-1); DDP ranks pass their
     share's global indices so that the seeds, and so the sequences, match a single process.
@@ -370,6 +396,9 @@ def sample_batch(model, prompts: Sequence[Sequence[int]], config: SamplingConfig
         raise ValueError(f"responses_per_prompt must be >= 1, got {responses_per_prompt}")
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
+    defensive = check_defensive(defensive)
+    if not config.truncates:
+        defensive = 0.0  # q_θ₀ already gives every token positive probability
     indices = list(range(len(prompts))) if prompt_indices is None else [int(i) for i in prompt_indices]
     if len(indices) != len(prompts):
         raise ValueError(f"prompt_indices has {len(indices)} entries for {len(prompts)} prompts")
@@ -382,11 +411,12 @@ def sample_batch(model, prompts: Sequence[Sequence[int]], config: SamplingConfig
     chunks = []
     with probe_mode(model):
         for start in range(0, len(rows), size):
-            chunks.append(_decode(model, rows[start:start + size], width, config, eos, pad_token_id, seed, device))
-    steps = max(t.shape[1] for t, _ in chunks)
+            chunks.append(_decode(model, rows[start:start + size], width, config, eos, pad_token_id, seed, device,
+                                  defensive))
+    steps = max(t.shape[1] for t, _, _ in chunks)
     pad = lambda t, v: torch.nn.functional.pad(t, (0, steps - t.shape[1]), value=v)  # noqa: E731
-    tokens = torch.cat([pad(t, pad_token_id) for t, _ in chunks])
-    log_probs = torch.cat([pad(lp, 0.0) for _, lp in chunks])
+    tokens = torch.cat([pad(t, pad_token_id) for t, _, _ in chunks])
+    log_probs = torch.cat([pad(lp, 0.0) for _, lp, _ in chunks])
 
     # A response ends at its first EOS (which counts) or at max_new_tokens.
     is_eos = torch.isin(tokens, eos)
@@ -396,6 +426,11 @@ def sample_batch(model, prompts: Sequence[Sequence[int]], config: SamplingConfig
     tokens = tokens[:, :length].masked_fill(~counted[:, :length], pad_token_id)
     counted = counted[:, :length]
     log_probs = log_probs[:, :length].masked_fill(~counted, 0.0)
+    proposal = None
+    if defensive > 0:
+        proposal = torch.cat([pad(p, 0.0) for _, _, p in chunks])[:, :length].masked_fill(~counted, 0.0)
+        proposal = proposal.double().sum(-1)
 
     return _assemble([prompt for prompt, _, _ in rows], width, tokens, counted, [g for _, g, _ in rows],
-                     [r for _, _, r in rows], config, pad_token_id, seed=seed, sampler_log_probs=log_probs)
+                     [r for _, _, r in rows], config, pad_token_id, seed=seed, sampler_log_probs=log_probs,
+                     proposal_log_probs=proposal)

@@ -22,7 +22,11 @@ from .engine import (check_options, check_order, concat_terms, measurement_terms
                      summarize_measurement, summarize_prediction, taylor_gap)
 from .params import check_scales
 from .precision import Precision, check_precision, resolve_precision
-from .sampling import ProbeBatch, SamplingConfig, sample_batch
+from .sampling import ProbeBatch, SamplingConfig, check_defensive, sample_batch
+
+# With top-k/top-p, E is drawn from 0.9·q_θ₀ + 0.1·(q_θ₀ untruncated) and weighted back, so a
+# step that moves tokens into the support is measured without bias (docs/method.md §3).
+DEFAULT_DEFENSIVE = 0.1
 from .step import is_skipped, snapshot, step_delta, step_norm
 
 
@@ -73,6 +77,7 @@ class ProbeOptions:
     seed: int = 0
     snapshot_device: Literal["auto", "cpu"] = "auto"
     precision: Precision = "auto"
+    defensive: float = DEFAULT_DEFENSIVE
 
     def __post_init__(self) -> None:
         if not isinstance(self.sampling, SamplingConfig):
@@ -89,6 +94,7 @@ class ProbeOptions:
         if self.snapshot_device not in ("auto", "cpu"):
             raise ValueError(f"snapshot_device must be 'auto' or 'cpu', got {self.snapshot_device!r}")
         check_precision(self.precision)
+        check_defensive(self.defensive)
 
 
 @dataclass
@@ -237,7 +243,7 @@ class StepProbe:
             batch = sample_batch(model, self.prompts, o.sampling, eos_token_id=self.eos_token_id,
                                  pad_token_id=self.pad_token_id, responses_per_prompt=o.responses_per_prompt,
                                  seed=step_seed(o.seed, step), batch_size=o.microbatch_size,
-                                 prompt_indices=self.prompt_indices)
+                                 prompt_indices=self.prompt_indices, defensive=o.defensive)
         else:
             batch = check_sampled(self.sampler(model, self.prompts, o.sampling, responses_per_prompt=o.responses_per_prompt,
                                                seed=step_seed(o.seed, step)),
