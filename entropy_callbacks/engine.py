@@ -232,7 +232,7 @@ def summarize_measurement(terms: MeasurementTerms, scales: Sequence[float], norm
     num_tokens = float(terms.token_counts.sum())
     shifts, outside = [], []
     for k, scale in enumerate(scales):
-        weights = estimators.snis_weights(terms.log_prob[k], _sampled_from(terms))
+        weights = estimators.snis_weights(terms.log_prob[k], sampled_from(terms))
         shifts.append(estimators.measured_shift(weights, terms.integrand[k], terms.integrand_origin, norm,
                                                 terms.group, base))
         mass = float(terms.outside_mass[k].sum()) / num_tokens
@@ -260,7 +260,7 @@ def summarize_measurement(terms: MeasurementTerms, scales: Sequence[float], norm
     )
 
 
-def _sampled_from(terms: MeasurementTerms) -> Tensor:
+def sampled_from(terms: MeasurementTerms) -> Tensor:
     """log of the distribution E was drawn from: the proposal's, else S_i(θ₀)."""
     return terms.log_prob_origin if terms.proposal_log_prob is None else terms.proposal_log_prob
 
@@ -335,7 +335,7 @@ def taylor_gap(prediction: PredictionTerms, measurement: MeasurementTerms, norma
     norm = estimators.normaliser(measurement.token_counts, normalize)
     # One set of θ₀ weights for both sides of the paired difference: the value pass's.
     base = estimators.proposal_weights(measurement.log_prob_origin, measurement.proposal_log_prob)
-    weights = estimators.snis_weights(measurement.log_prob[scale_index], _sampled_from(measurement))
+    weights = estimators.snis_weights(measurement.log_prob[scale_index], sampled_from(measurement))
     measured = estimators.shift_columns(weights, measurement.integrand[scale_index], measurement.integrand_origin,
                                         norm, base)
     taylor = estimators.taylor_terms(prediction.integrand, norm, prediction.d_log_prob, prediction.d_integrand,

@@ -18,7 +18,7 @@ from typing import Literal, Protocol, Sequence
 import torch
 
 from . import estimators
-from .engine import (check_options, check_order, concat_terms, measurement_terms, prediction_terms,
+from .engine import (check_options, check_order, concat_terms, measurement_terms, prediction_terms, sampled_from,
                      summarize_measurement, summarize_prediction, taylor_gap)
 from .params import check_scales
 from .precision import Precision, check_precision, resolve_precision
@@ -183,8 +183,9 @@ class ProbeRecord:
 
 def relative_weights(terms) -> torch.Tensor:
     """SNIS weights at s = 1 (the real step) divided by their mean: 1 everywhere when the step
-    changed nothing, far from 1 for the sequences it made much more or less likely."""
-    weights = estimators.snis_weights(terms.log_prob[0], terms.log_prob_origin)
+    changed nothing, far from 1 for the sequences it made much more or less likely. With a
+    proposal p they are q_θ₁/p (q_θ₁/q_θ₀ is undefined for a defensive draw outside θ₀'s support)."""
+    weights = estimators.snis_weights(terms.log_prob[0], sampled_from(terms))
     return weights / weights.mean()
 
 

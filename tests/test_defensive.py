@@ -87,3 +87,27 @@ def test_defensive_changes_nothing_without_truncation(model):
 def test_bad_defensive_weight_is_refused(model, value):
     with pytest.raises(ValueError, match="defensive must be a number in"):
         sample_batch(model, PROMPTS, CASES["tau1-top_p0.85"], eos_token_id=EOS, pad_token_id=PAD, defensive=value)
+
+
+def test_probe_records_stay_finite_with_draws_outside_the_support(model, references):
+    """The callback's core under top-p (defensive by default): draws outside θ₀'s support have
+    q_θ₀ = 0, and every per-sequence number of the record is still finite."""
+    import copy
+    import math
+
+    from entropy_callbacks.step_probe import ProbeOptions, StepProbe
+
+    policy = copy.deepcopy(model)
+    options = ProbeOptions(sampling=CASES["tau0.7-top_p0.85"], responses_per_prompt=8, order=2, precision="float64")
+    assert options.defensive == DEFENSIVE
+    core = StepProbe(options, PROMPTS * 5, eos_token_id=EOS, pad_token_id=PAD)
+    core.begin(policy, step=0, lr=1e-3)
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            param.add_(LARGE_STEP * references["tau0.7-top_p0.85"].direction[name])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        record = core.finish(policy)
+    assert record.proposal and record.ess_origin < 1
+    assert all(math.isfinite(v) for v in record.per_sequence_weight + record.per_sequence_linear)
+    assert math.isfinite(record.delta_measured) and math.isfinite(record.delta_quadratic)
