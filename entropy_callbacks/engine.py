@@ -96,8 +96,6 @@ class MeasurementTerms:
     proposal_log_prob: Tensor | None = None  # log p(y_i) when E came from another proposal
 
 
-
-
 @dataclass
 class PredictionTerms:
     """Per-sequence derivative terms of a prediction (CPU float64), and the unit roundoff of the

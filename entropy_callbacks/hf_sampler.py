@@ -18,7 +18,7 @@ import torch
 
 from .model_guard import probe_mode
 from .policy import special_tokens
-from .sampling import ProbeBatch, SamplingConfig
+from .sampling import ProbeBatch, SamplingConfig, left_pad, through_first_eos
 
 
 class HFGenerateSampler:
@@ -62,20 +62,14 @@ class HFGenerateSampler:
     def _generate(self, model, rows: list[list[int]], config: SamplingConfig, eos, pad: int,
                   device) -> tuple[list[list[int]], torch.Tensor]:
         width = max(len(row) for row in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, width - len(row):] = torch.tensor(row)
-            mask[i, width - len(row):] = 1
+        ids, mask = left_pad(rows, width, pad, device)
         out = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True,
+            input_ids=ids, attention_mask=mask, do_sample=True,
             temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
             max_new_tokens=config.max_new_tokens, eos_token_id=eos, pad_token_id=pad,
             cache_implementation=self.cache_implementation, output_scores=True, return_dict_in_generate=True)
         tokens = out.sequences[:, width:]
-        eos_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos), device=tokens.device)
-        is_eos = torch.isin(tokens, eos_ids)
-        counted = (is_eos.cumsum(1) - is_eos.long()) == 0  # up to and including the first EOS
+        counted = through_first_eos(tokens, torch.tensor([eos] if isinstance(eos, int) else list(eos), device=device))
         # scores[t]: the processed logits step t was sampled from (softmax of them is p).
         scores = torch.stack(out.scores, 1)[:, : tokens.shape[1]].float()
         token_log_p = scores.log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)

@@ -189,7 +189,7 @@ def _assemble(prompt_rows: list[list[int]], width: int, tokens: Tensor, counted:
               sampler_log_probs: Tensor | None = None, proposal_log_probs: Tensor | None = None) -> ProbeBatch:
     """A ProbeBatch from left-padded prompts and right-aligned responses (``tokens``, ``counted`` [n, T])."""
     n, device = len(prompt_rows), tokens.device
-    prompt_ids, prompt_mask = _left_pad(prompt_rows, width, pad_token_id, device)
+    prompt_ids, prompt_mask = left_pad(prompt_rows, width, pad_token_id, device)
     no_response = torch.zeros((n, width), dtype=torch.bool, device=device)
     return ProbeBatch(
         input_ids=torch.cat([prompt_ids, tokens], 1),
@@ -299,13 +299,21 @@ def _eos_set(eos_token_id: int | Sequence[int]) -> list[int]:
     return [int(i) for i in ids]
 
 
-def _left_pad(prompts: list[list[int]], width: int, pad_token_id: int, device) -> tuple[Tensor, Tensor]:
+def left_pad(prompts: list[list[int]], width: int, pad_token_id: int, device) -> tuple[Tensor, Tensor]:
+    """(ids, attention mask) [n, width]: each prompt right-aligned, PAD (mask 0) before it."""
     ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long, device=device)
     mask = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
     for i, prompt in enumerate(prompts):
         ids[i, width - len(prompt):] = torch.tensor(prompt, device=device)
         mask[i, width - len(prompt):] = 1
     return ids, mask
+
+
+def through_first_eos(tokens: Tensor, eos: Tensor) -> Tensor:
+    """Which response tokens count: a response ends at its first EOS (which counts) or at
+    max_new_tokens; everything after the EOS is padding."""
+    is_eos = torch.isin(tokens, eos)
+    return (is_eos.cumsum(1) - is_eos.long()) == 0
 
 
 def eos_check_interval(device: torch.device) -> int:
@@ -342,7 +350,7 @@ def _decode(model, rows: list[tuple[list[int], int, int]], width: int, config: S
     row that has ended keeps decoding PAD until every row has, or until ``max_new_tokens``.
     """
     n, steps = len(rows), config.max_new_tokens
-    ids, prompt_mask = _left_pad([prompt for prompt, _, _ in rows], width, pad_token_id, device)
+    ids, prompt_mask = left_pad([prompt for prompt, _, _ in rows], width, pad_token_id, device)
     keys = torch.tensor([_signed(row_seed(seed, g, r)) for _, g, r in rows], dtype=torch.int64, device=device)
     mask = torch.ones((n, width + steps), dtype=prompt_mask.dtype, device=device)  # preallocated
     mask[:, :width] = prompt_mask
@@ -418,10 +426,7 @@ def sample_batch(model, prompts: Sequence[Sequence[int]], config: SamplingConfig
     tokens = torch.cat([pad(t, pad_token_id) for t, _, _ in chunks])
     log_probs = torch.cat([pad(lp, 0.0) for _, lp, _ in chunks])
 
-    # A response ends at its first EOS (which counts) or at max_new_tokens.
-    is_eos = torch.isin(tokens, eos)
-    after_eos = (is_eos.cumsum(1) - is_eos.long()) > 0
-    counted = ~after_eos
+    counted = through_first_eos(tokens, eos)
     length = int(counted.sum(1).max())
     tokens = tokens[:, :length].masked_fill(~counted[:, :length], pad_token_id)
     counted = counted[:, :length]

@@ -23,11 +23,11 @@ from .engine import (check_options, check_order, concat_terms, measurement_terms
 from .params import check_scales
 from .precision import Precision, check_precision, resolve_precision
 from .sampling import ProbeBatch, SamplingConfig, check_defensive, sample_batch
+from .step import is_skipped, snapshot, step_delta, step_norm
 
 # With top-k/top-p, E is drawn from 0.9·q_θ₀ + 0.1·(q_θ₀ untruncated) and weighted back, so a
 # step that moves tokens into the support is measured without bias (docs/method.md §3).
 DEFAULT_DEFENSIVE = 0.1
-from .step import is_skipped, snapshot, step_delta, step_norm
 
 
 class Sampler(Protocol):

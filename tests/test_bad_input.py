@@ -272,12 +272,21 @@ def test_non_tensor_values(setup, function):
 
 # --- options ---------------------------------------------------------------------------------------
 
+BAD_OPTIONS = [
+    *[("precision", value, r"precision must be one of 'auto', 'float64', 'float32', 'model'")
+      for value in ("fp64", "bfloat16", None)],
+    *[("normalize", value, r"normalize must be 'token' or 'sequence'") for value in ("tokens", "mean", None)],
+    *[("estimator", value, r"estimator must be 'rb' \(Rao-Blackwell\) or 'naive'") for value in ("RB", "exact", None)],
+    *[("microbatch_size", value, r"microbatch_size must be a positive integer or None") for value in (0, -2, 1.5, True)],
+]
+
+
 @pytest.mark.parametrize("function", ENGINE)
-@pytest.mark.parametrize("precision", ["fp64", "bfloat16", None])
-def test_unknown_precision_is_rejected(setup, function, precision):
+@pytest.mark.parametrize("option, value, message", BAD_OPTIONS, ids=[f"{o}={v!r}" for o, v, _ in BAD_OPTIONS])
+def test_bad_option_is_rejected(setup, function, option, value, message):
     model, batch, base, delta = setup["full"]
-    with pytest.raises(ValueError, match=r"precision must be one of 'auto', 'float64', 'float32', 'model'"):
-        call(function, model, batch, base, delta, precision=precision)
+    with pytest.raises(ValueError, match=message):
+        call(function, model, batch, base, delta, **{option: value})
 
 
 def test_unknown_precision_is_rejected_by_probe_experiments():
@@ -285,30 +294,6 @@ def test_unknown_precision_is_rejected_by_probe_experiments():
 
     with pytest.raises(ValueError, match=r"precision must be one of"):
         ProbeExperiment(precision="half")
-
-
-@pytest.mark.parametrize("function", ENGINE)
-@pytest.mark.parametrize("normalize", ["tokens", "mean", None])
-def test_bad_normalize(setup, function, normalize):
-    model, batch, base, delta = setup["full"]
-    with pytest.raises(ValueError, match=r"normalize must be 'token' or 'sequence'"):
-        call(function, model, batch, base, delta, normalize=normalize)
-
-
-@pytest.mark.parametrize("function", ENGINE)
-@pytest.mark.parametrize("estimator", ["RB", "exact", None])
-def test_bad_estimator(setup, function, estimator):
-    model, batch, base, delta = setup["full"]
-    with pytest.raises(ValueError, match=r"estimator must be 'rb' \(Rao-Blackwell\) or 'naive'"):
-        call(function, model, batch, base, delta, estimator=estimator)
-
-
-@pytest.mark.parametrize("function", ENGINE)
-@pytest.mark.parametrize("microbatch_size", [0, -2, 1.5, True])
-def test_bad_microbatch_size(setup, function, microbatch_size):
-    model, batch, base, delta = setup["full"]
-    with pytest.raises(ValueError, match=r"microbatch_size must be a positive integer or None"):
-        call(function, model, batch, base, delta, microbatch_size=microbatch_size)
 
 
 @pytest.mark.parametrize("order", [0, 3, -1, "2"])
