@@ -243,3 +243,22 @@ def test_microbatch_size_does_not_change_results_float32(setups, mode):
         pieces = results(size)
         for key, value in whole.items():
             assert relative(pieces[key], value) <= RTOL, (size, key, pieces[key], value)
+
+
+@pytest.mark.parametrize("arch, mode", [("gpt2", "full"), ("gpt2", "lora"), ("llama", "full"), ("llama", "lora")])
+def test_proposal_weighted_derivatives_match_finite_differences(setups, arch, mode):
+    """E handed over with proposal log-probabilities (docs/method.md §3): g′ and g″ of the
+    b_i-weighted ratio are still the derivatives of the weighted measurement."""
+    import dataclasses
+
+    setup = setups(arch, mode)
+    batch = setup.batch
+    gen = torch.Generator().manual_seed(3)
+    # A proposal other than q_θ₀: its log-probabilities off by up to ±0.5 nats per sequence.
+    log_p = batch.sampler_log_probs.sum(-1).double() + (torch.rand(len(batch), generator=gen, dtype=torch.float64) - 0.5)
+    weighted = dataclasses.replace(setup, batch=dataclasses.replace(batch, proposal_log_probs=log_p))
+    linear_error, curvature_error, prediction = prediction_errors(weighted)
+    assert linear_error <= RTOL, f"g′(0) {prediction.linear!r} vs FD: relative error {linear_error:.2e}"
+    assert curvature_error <= RTOL, f"g″(0) {prediction.curvature!r} vs FD: relative error {curvature_error:.2e}"
+    unweighted = prediction_errors(setup)[2]
+    assert abs(prediction.linear - unweighted.linear) > 1e3 * RTOL * abs(unweighted.linear)  # the weights matter
