@@ -343,7 +343,7 @@ class PerSequence:
 
         taylor = estimators.taylor_terms(cat("integrand"), self.norm, cat("d_log_prob"), cat("d_integrand"),
                                          self.group, cat("d2_log_prob"), cat("d2_integrand"))
-        return taylor.linear, taylor.curvature
+        return taylor.linear.value, None if taylor.curvature is None else taylor.curvature.value
 
 
 # ---------------------------------------------------------------------------------------------

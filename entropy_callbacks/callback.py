@@ -68,6 +68,8 @@ class EntropyProbe(Callback):
         defensive: with top-k/top-p, E is drawn from (1 − ε)·q_θ₀ + ε·(q_θ₀ untruncated) with
             ε = ``defensive`` (default 0.1) and weighted back, so a step that moves tokens into
             the support is still measured without bias; 0: draw from q_θ₀ (docs/method.md §3).
+        control_variates: subtract cross-fitted score control variates from every estimate
+            (docs/method.md §5): smaller SEs at no bias, for a few percent of the probe's time.
         on_error: "warn" (count and continue) or "raise".
         log_samples: how many decoded responses of E to log as TensorBoard text.
         jsonl: write every probe to ``entropy_probe.jsonl`` in the logger's directory.
@@ -98,6 +100,7 @@ class EntropyProbe(Callback):
         snapshot_device: Literal["auto", "cpu"] = "auto",
         precision: Literal["auto", "float64", "float32", "model"] = "auto",
         defensive: float = DEFAULT_DEFENSIVE,
+        control_variates: bool = True,
         on_error: Literal["warn", "raise"] = "warn",
         log_samples: int = 4,
         jsonl: bool = True,
@@ -110,7 +113,7 @@ class EntropyProbe(Callback):
             sampling=sampling, every_n_steps=every_n_steps, responses_per_prompt=responses_per_prompt,
             order=order, scales=tuple(scales), normalize=normalize, estimator=estimator,
             microbatch_size=microbatch_size, seed=seed, snapshot_device=snapshot_device, precision=precision,
-            defensive=defensive)
+            defensive=defensive, control_variates=control_variates)
         if on_error not in ("warn", "raise"):
             raise ValueError(f"on_error must be 'warn' or 'raise', got {on_error!r}")
         if log_samples < 0:
@@ -309,8 +312,9 @@ class EntropyProbe(Callback):
             metrics = {f"{self.prefix}skipped_steps": float(self.skipped_steps)}
         else:
             self._published += 1
-            self.calibration.update(record.delta_linear, record.delta_quadratic, record.delta_measured,
-                                    record.delta_measured_se, record.dof)
+            if record.delta_measured_usable:  # a biased measurement would score the prediction wrongly
+                self.calibration.update(record.delta_linear, record.delta_quadratic, record.delta_measured,
+                                        record.delta_measured_se, record.dof)
             metrics = record.metrics(self.options.sampling.truncates, self.prefix)
             metrics.update({f"{self.prefix}calibration/{k}": v for k, v in self.calibration.compute().items()
                             if k not in ("count", "non_finite") and math.isfinite(v)})

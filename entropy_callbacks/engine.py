@@ -111,6 +111,7 @@ class PredictionTerms:
     d2_integrand: Tensor | None
     roundoff: float
     proposal_log_prob: Tensor | None = None
+    controls: Tensor | None = None  # [N, J] score features of mean 0 at θ₀ (scoring.score_controls)
 
 
 def _cpu(x: Tensor | None) -> Tensor | None:
@@ -220,22 +221,26 @@ def measurement_terms(model, batch: ProbeBatch, base: Mapping[str, Tensor], delt
 
 
 def summarize_measurement(terms: MeasurementTerms, scales: Sequence[float], normalize: str,
-                          warn: bool = True) -> Measurement:
+                          warn: bool = True, controls: Tensor | None = None) -> Measurement:
+    """The measurement's statistics; ``controls``: score features of a prediction on the same E
+    (``PredictionTerms.controls``), applied as control variates to Ĥ(θ₀) and every ΔH(s)."""
     norm = estimators.normaliser(terms.token_counts, normalize)
     base = estimators.proposal_weights(terms.log_prob_origin, terms.proposal_log_prob)
-    before = estimators.entropy_at_origin(terms.integrand_origin, norm, terms.group, base)
+    before = estimators.entropy_at_origin(terms.integrand_origin, norm, terms.group, base, controls)
     floor = estimators.rounding_floor(terms.integrand_origin, norm,
                                       terms.roundoff_ratio * (terms.partner_log_prob - terms.log_prob_origin),
                                       terms.roundoff_ratio * (terms.partner_integrand - terms.integrand_origin), base)
     num_tokens = float(terms.token_counts.sum())
-    shifts, outside = [], []
+    shifts, outside, usable = [], [], []
     for k, scale in enumerate(scales):
         weights = estimators.snis_weights(terms.log_prob[k], sampled_from(terms))
         shifts.append(estimators.measured_shift(weights, terms.integrand[k], terms.integrand_origin, norm,
-                                                terms.group, base))
+                                                terms.group, base, controls))
         mass = float(terms.outside_mass[k].sum()) / num_tokens
         outside.append(mass)
-        if warn and mass > OUTSIDE_SUPPORT_WARNING:
+        # A proposal (the defensive one, or the user's engine) draws where q_θ₀ does not.
+        usable.append(mass <= OUTSIDE_SUPPORT_WARNING or terms.proposal_log_prob is not None)
+        if warn and not usable[-1]:
             warnings.warn(f"at scale {scale:g} the step moved {mass:.2e} of the sampling mass per token outside "
                           "θ₀'s top-k/top-p support; SNIS cannot see those sequences, so the measured ΔH is "
                           "biased there", stacklevel=3)
@@ -255,6 +260,8 @@ def summarize_measurement(terms: MeasurementTerms, scales: Sequence[float], norm
         delta_floor=floor,
         dof=estimators.degrees_of_freedom(terms.group),
         ess_origin=estimators.ess_fraction(base),
+        control_variates=before.controlled,
+        usable=usable,
     )
 
 
@@ -265,21 +272,37 @@ def sampled_from(terms: MeasurementTerms) -> Tensor:
 
 def measure_delta_h(model, batch: ProbeBatch, base: Mapping[str, Tensor], delta: Mapping[str, Tensor], *,
                     scales: Sequence[float] = (1.0,), normalize: str = "token", estimator: str = "rb",
-                    microbatch_size: int | None = None, precision: Precision = "auto") -> Measurement:
+                    microbatch_size: int | None = None, precision: Precision = "auto",
+                    control_variates: bool = False) -> Measurement:
     """Measured ΔH(s) = Ĥ(θ₀ + sΔθ) − Ĥ(θ₀) by SNIS on the same E, for each scale s.
 
     ``precision``: compute dtype of the value passes ("auto": float64; see the ``precision``
     module). ``delta_floor`` estimates their rounding error; a warning
     says when a measured ΔH is below it, and when a step moves more than 1e-3 of the sampling
     mass per token outside θ₀'s top-k/top-p support (``outside_support``), where SNIS is blind.
+
+    ``control_variates``: subtract cross-fitted score control variates (docs/method.md §5). Their
+    features come from a derivative pass (one JVP), which this then runs: off by default here, where it
+    would double the cost; ``EntropyProbe`` and ``probe`` run that pass anyway and use them by default.
     """
     check_options(normalize, estimator, microbatch_size)
     check_precision(precision)
+    check_flag("control_variates", control_variates)
     scales = check_scales(scales)
     batch = _prepare(model, batch)
+    passes = resolve_precision(precision, model)
+    origin = None
+    if control_variates:
+        origin = prediction_terms(model, batch, base, delta, order=1, estimator=estimator,
+                                  microbatch_size=microbatch_size, precision=passes)
     terms = measurement_terms(model, batch, base, delta, scales=scales, estimator=estimator,
-                              microbatch_size=microbatch_size, precision=resolve_precision(precision, model))
-    return summarize_measurement(terms, scales, normalize)
+                              microbatch_size=microbatch_size, precision=passes, origin=origin)
+    return summarize_measurement(terms, scales, normalize, controls=None if origin is None else origin.controls)
+
+
+def check_flag(name: str, value: bool) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
 
 
 def check_order(order: int) -> None:
@@ -301,56 +324,69 @@ def prediction_terms(model, batch: ProbeBatch, base: Mapping[str, Tensor], delta
     terms = PredictionTerms(batch.group.cpu(), _cpu(batch.response_lengths), cat("log_prob"), cat("integrand"),
                             cat("d_log_prob"), cat("d_integrand"), cat("d2_log_prob"), cat("d2_integrand"),
                             roundoff=unit_roundoff(effective_dtype(dtype, model)),
-                            proposal_log_prob=_cpu(batch.proposal_log_probs))
+                            proposal_log_prob=_cpu(batch.proposal_log_probs), controls=cat("controls"))
     _check_finite_origin(terms.log_prob, terms.integrand, model, dtype, terms.proposal_log_prob is not None)
     return terms
 
 
-def summarize_prediction(terms: PredictionTerms, normalize: str) -> Prediction:
+def _taylor(terms: PredictionTerms, normalize: str, base: Tensor | None, control_variates: bool):
     norm = estimators.normaliser(terms.token_counts, normalize)
+    return estimators.taylor_terms(terms.integrand, norm, terms.d_log_prob, terms.d_integrand, terms.group,
+                                   terms.d2_log_prob, terms.d2_integrand, base,
+                                   controls=terms.controls if control_variates else None)
+
+
+def summarize_prediction(terms: PredictionTerms, normalize: str, control_variates: bool = True) -> Prediction:
     base = estimators.proposal_weights(terms.log_prob, terms.proposal_log_prob)
-    taylor = estimators.taylor_terms(terms.integrand, norm, terms.d_log_prob, terms.d_integrand, terms.group,
-                                     terms.d2_log_prob, terms.d2_integrand, base)
-    quadratic = None if taylor.curvature is None else taylor.linear + 0.5 * taylor.curvature
+    taylor = _taylor(terms, normalize, base, control_variates)
+    second = taylor.curvature is not None
     return Prediction(
-        entropy=taylor.entropy,
-        entropy_se=taylor.entropy_se,
-        linear=taylor.linear,
-        linear_se=taylor.linear_se,
-        curvature=taylor.curvature,
-        quadratic=quadratic,
+        entropy=taylor.entropy.value,
+        entropy_se=taylor.entropy.se,
+        linear=taylor.linear.value,
+        linear_se=taylor.linear.se,
+        curvature=taylor.curvature.value if second else None,
+        quadratic=taylor.quadratic.value if second else None,
         per_sequence_linear=taylor.per_sequence_linear,
-        curvature_se=taylor.curvature_se,
-        quadratic_se=taylor.quadratic_se,
+        curvature_se=taylor.curvature.se if second else None,
+        quadratic_se=taylor.quadratic.se if second else None,
         dof=estimators.degrees_of_freedom(terms.group),
+        control_variates=taylor.linear.controlled,
     )
 
 
 def taylor_gap(prediction: PredictionTerms, measurement: MeasurementTerms, normalize: str,
-               scale_index: int = 0) -> tuple[float, float]:
-    """Measured ΔH at ``measurement``'s scale ``scale_index`` (s = 1) minus its best prediction,
-    and the jackknife SE of that paired difference (``estimators.taylor_error``)."""
+               scale_index: int = 0, control_variates: bool = True) -> tuple[float, float]:
+    """Measured ΔH at ``measurement``'s scale ``scale_index`` (s = 1) minus its best prediction
+    (quadratic at order 2), and the jackknife SE of that paired difference: the two share E, and
+    their leave-one-group-out values are differenced group by group."""
     norm = estimators.normaliser(measurement.token_counts, normalize)
     # One set of θ₀ weights for both sides of the paired difference: the value pass's.
     base = estimators.proposal_weights(measurement.log_prob_origin, measurement.proposal_log_prob)
     weights = estimators.snis_weights(measurement.log_prob[scale_index], sampled_from(measurement))
-    measured = estimators.shift_columns(weights, measurement.integrand[scale_index], measurement.integrand_origin,
-                                        norm, base)
-    taylor = estimators.taylor_terms(prediction.integrand, norm, prediction.d_log_prob, prediction.d_integrand,
-                                     prediction.group, prediction.d2_log_prob, prediction.d2_integrand, base)
-    return estimators.taylor_error(measured, taylor.columns, prediction.group)
+    controls = prediction.controls if control_variates else None
+    measured = estimators.measured_shift(weights, measurement.integrand[scale_index], measurement.integrand_origin,
+                                         norm, measurement.group, base, controls)
+    gap = measured.shift - _taylor(prediction, normalize, base, control_variates).best
+    return gap.value, gap.se
 
 
 def predict_delta_h(model, batch: ProbeBatch, base: Mapping[str, Tensor], delta: Mapping[str, Tensor], *,
                     order: int = 2, normalize: str = "token", estimator: str = "rb",
-                    microbatch_size: int | None = None, precision: Precision = "auto") -> Prediction:
+                    microbatch_size: int | None = None, precision: Precision = "auto",
+                    control_variates: bool = True) -> Prediction:
     """Taylor prediction of ΔH along Δθ: g′(0) by one JVP pass (order 1), or g′(0) and g″(0) by
     one nested JVP pass (order 2), in the derivative dtype of ``precision`` ("auto": float32, or
-    float64 for a float64 model)."""
+    float64 for a float64 model).
+
+    ``control_variates``: subtract cross-fitted score control variates from Ĥ, g′ and g″
+    (docs/method.md §5); their features come out of the same pass, at no extra cost.
+    """
     check_options(normalize, estimator, microbatch_size)
     check_order(order)
     check_precision(precision)
+    check_flag("control_variates", control_variates)
     batch = _prepare(model, batch)
     terms = prediction_terms(model, batch, base, delta, order=order, estimator=estimator,
                              microbatch_size=microbatch_size, precision=resolve_precision(precision, model))
-    return summarize_prediction(terms, normalize)
+    return summarize_prediction(terms, normalize, control_variates)

@@ -39,7 +39,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -114,30 +114,135 @@ def t_quantile(dof: int, level: float = 0.95) -> float:
     return (low + high) / 2
 
 
-def jackknife_se(columns: Tensor, group: Tensor, statistic: Statistic) -> float:
-    """Grouped-jackknife standard error of ``statistic`` of the column sums of ``columns`` [N, K].
+@dataclass(frozen=True)
+class Jackknifed:
+    """A statistic's value and its values with each prompt group left out (the grouped jackknife).
 
-    NaN when there are fewer than two groups.
+    Sums and differences of Jackknifed statistics of the same E are paired: their leave-outs
+    combine group by group, so e.g. ``a - b`` carries the SE of the paired difference.
     """
+
+    value: float
+    leave_out: Tensor  # [G]
+    controlled: bool = False  # control variates were applied (``jackknifed``)
+
+    @property
+    def se(self) -> float:
+        """se² = (G−1)/G · Σ_g (θ̂_(−g) − mean_g θ̂_(−g))²; NaN with fewer than two groups."""
+        num_groups = self.leave_out.numel()
+        if num_groups < 2:
+            return math.nan
+        spread = ((self.leave_out - self.leave_out.mean()) ** 2).sum()
+        return float(torch.sqrt((num_groups - 1) / num_groups * spread))
+
+    def __add__(self, other: Jackknifed) -> Jackknifed:
+        return Jackknifed(self.value + other.value, self.leave_out + other.leave_out,
+                          self.controlled or other.controlled)
+
+    def __sub__(self, other: Jackknifed) -> Jackknifed:
+        return self + other.scaled(-1.0)
+
+    def scaled(self, factor: float) -> Jackknifed:
+        return Jackknifed(factor * self.value, factor * self.leave_out, self.controlled)
+
+
+def jackknifed(columns: Tensor, group: Tensor, statistic: Statistic, controls: Tensor | None = None,
+               families: Sequence[Sequence[int]] | None = None) -> Jackknifed:
+    """``statistic`` of the column sums of ``columns`` [N, K], with its grouped jackknife;
+    minus the cross-fitted control-variate correction when ``controls`` [N, J] are given and
+    there is enough data to fit it (``control_corrections``)."""
     dense, num_groups = group_index(group)
-    if num_groups < 2:
-        return math.nan
+    total = columns.sum(0)
     per_group = torch.zeros(num_groups, columns.shape[1], dtype=torch.float64).index_add_(0, dense, columns)
-    leave_out = statistic(columns.sum(0) - per_group)
-    spread = ((leave_out - leave_out.mean()) ** 2).sum()
-    return float(torch.sqrt((num_groups - 1) / num_groups * spread))
+    value, leave_out = float(statistic(total)), statistic(total - per_group)
+    correction = None if controls is None else control_corrections(columns, dense, num_groups, statistic, controls,
+                                                                   families or CONTROL_FAMILIES)
+    if correction is None:
+        return Jackknifed(value, leave_out)
+    per_group_correction = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, dense, correction)
+    full = per_group_correction.sum()
+    return Jackknifed(value - float(full), leave_out - (full - per_group_correction), controlled=True)
+
+
+def jackknife_se(columns: Tensor, group: Tensor, statistic: Statistic) -> float:
+    """Grouped-jackknife standard error of ``statistic`` of the column sums of ``columns`` [N, K]."""
+    return jackknifed(columns, group, statistic).se
+
+
+MIN_CONTROL_GROUPS = 4  # each group's coefficients come from at least 3 others
+MIN_FIT_PER_COEFFICIENT = 4  # sequences per fitted coefficient in every leave-one-group-out fit
+# Columns of the control features (scoring.score_controls): the score family, the surprisal family.
+CONTROL_FAMILIES = ((0, 1, 2), (3, 4, 5, 6, 7))
+# The features that do not depend on Δθ: Ĥ(θ₀) uses only these, so that it is the same number
+# whatever step is probed on the same E.
+STEP_FREE_CONTROLS = (3, 4, 5, 6)
+
+
+def control_corrections(columns: Tensor, dense: Tensor, num_groups: int, statistic: Statistic,
+                        controls: Tensor, families: Sequence[Sequence[int]] = CONTROL_FAMILIES) -> Tensor | None:
+    r"""Per-sequence corrections β_(−g(i))·u_i of a cross-fitted control variate (docs/method.md §5).
+
+    The statistic T(Σ_i x_i) moves, to first order, by ψ_i = ∇T · x_i per sequence. Its noise is
+    reduced by subtracting Σ_i β·u_i, where the features u_i have mean 0 (``controls``, already
+    times b_i under a proposal), with β the least-squares fit of ψ_i on [1, u_i]. Cross-fitting:
+    group g's β_(−g) is fitted on the other groups only, so it is independent of u_i for i in g
+    and E[β_(−g)·u_i] = E[β_(−g)]·E[u_i] = 0 — the correction adds no bias, whatever the fit.
+
+    Which features help depends on the model and the step, and a feature that does not help
+    costs variance through its fitted coefficient. So the feature set — one of the ``families``
+    (columns of ``controls``), all of them, or none — is the one whose out-of-group residuals
+    ψ_g − Σ β_(−g)·u spread least over the groups.
+
+    None (no correction) when no feature set beats none, with fewer than ``MIN_CONTROL_GROUPS``
+    groups or too few sequences per coefficient, or with non-finite terms (e.g. all SNIS weights 0).
+    """
+    u = _f64(controls)
+    scale = u.square().mean(0).sqrt()
+    usable = torch.isfinite(scale) & (scale > 0)
+    if num_groups < MIN_CONTROL_GROUPS or not bool(usable.any()):
+        return None
+    u = torch.where(usable, u / torch.where(usable, scale, 1.0), 0.0)
+    # ψ for group g's fit is linearised at the sums without g, so β_(−g) owes nothing to group g.
+    per_group = torch.zeros(num_groups, columns.shape[1], dtype=torch.float64).index_add_(0, dense, columns)
+    with torch.enable_grad():
+        leave_out = (columns.sum(0) - per_group).requires_grad_(True)
+        (gradients,) = torch.autograd.grad(statistic(leave_out).sum(), leave_out)
+    influence = gradients @ columns.T  # [G, N]: ψ_i linearised without group g
+    if not bool(torch.isfinite(influence).all() & torch.isfinite(u).all()):
+        return None
+    smallest_fit = int(dense.numel() - torch.bincount(dense, minlength=num_groups).max())
+    families = [[j for j in family if j < u.shape[1] and bool(usable[j])] for family in families]
+    candidates = {tuple(c) for c in (*families, [j for f in families for j in f])
+                  if c and smallest_fit >= MIN_FIT_PER_COEFFICIENT * (len(c) + 1)}
+
+    own = influence[dense, torch.arange(dense.numel())]  # ψ_i as group g(i)'s fit sees it
+
+    def spread(per_sequence: Tensor) -> float:
+        sums = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, dense, per_sequence)
+        return float(((sums - sums.mean()) ** 2).sum())
+
+    best, best_spread = None, spread(own)
+    for chosen in sorted(candidates):
+        correction = _cross_fitted(u[:, list(chosen)], influence, dense, num_groups)
+        residual_spread = spread(own - correction)
+        if residual_spread < best_spread:
+            best, best_spread = correction, residual_spread
+    return best
+
+
+def _cross_fitted(u: Tensor, targets: Tensor, dense: Tensor, num_groups: int) -> Tensor:
+    """u_i·β_(−g(i)), with β_(−g) the least-squares fit of ``targets[g]`` [N] on [1, u] over the
+    sequences outside group g."""
+    x = torch.cat([torch.ones_like(u[:, :1]), u], 1)
+    outside = (dense[None, :] != torch.arange(num_groups)[:, None]).to(torch.float64)  # [G, N]
+    gram = torch.einsum("gn,ni,nj->gij", outside, x, x)
+    moment = torch.einsum("gn,ni,gn->gi", outside, x, targets)
+    beta = (torch.linalg.pinv(gram, hermitian=True) @ moment[:, :, None])[:, 1:, 0]  # [G, J], intercepts dropped
+    return (u * beta[dense]).sum(1)
 
 
 def _ratio(sums: Tensor) -> Tensor:
     return sums[..., 0] / sums[..., 1]
-
-
-@dataclass(frozen=True)
-class RatioTerms:
-    """The value of Ĥ at θ₀ and its jackknife standard error."""
-
-    value: float
-    se: float
 
 
 def proposal_weights(log_prob_origin: Tensor, proposal_log_prob: Tensor | None) -> Tensor | None:
@@ -171,10 +276,21 @@ def ess_fraction(weights: Tensor | None) -> float:
     return float(w.sum() ** 2 / (w.square().sum() * w.numel()))
 
 
-def entropy_at_origin(integrand: Tensor, norm: Tensor, group: Tensor, base: Tensor | None = None) -> RatioTerms:
-    """Ĥ(θ₀) = Σ b_i f_i / Σ b_i c_i (b_i = 1 when E came from q_θ₀)."""
+def entropy_at_origin(integrand: Tensor, norm: Tensor, group: Tensor, base: Tensor | None = None,
+                      controls: Tensor | None = None) -> Jackknifed:
+    """Ĥ(θ₀) = Σ b_i f_i / Σ b_i c_i (b_i = 1 when E came from q_θ₀), with the step-free controls
+    (``STEP_FREE_CONTROLS``) when ``controls`` are given."""
     columns = weighted(torch.stack([_f64(integrand), _f64(norm)], 1), base)
-    return RatioTerms(float(_ratio(columns.sum(0))), jackknife_se(columns, group, _ratio))
+    step_free = [] if controls is None else [j for j in STEP_FREE_CONTROLS if j < controls.shape[1]]
+    if not step_free:
+        return jackknifed(columns, group, _ratio)
+    return jackknifed(columns, group, _ratio, _controls(controls[:, step_free], base),
+                      families=(range(len(step_free)),))
+
+
+def _controls(controls: Tensor | None, base: Tensor | None) -> Tensor | None:
+    """The features u_i times b_i: mean 0 under the proposal when u_i has mean 0 under q_θ₀."""
+    return None if controls is None else weighted(_f64(controls), base)
 
 
 def snis_weights(log_prob: Tensor, log_prob_reference: Tensor) -> Tensor:
@@ -189,12 +305,19 @@ def snis_weights(log_prob: Tensor, log_prob_reference: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class ShiftTerms:
-    """Ĥ(θ₀ + sΔθ), the measured ΔH with its standard error, and the ESS fraction."""
+    """Ĥ(θ₀ + sΔθ), the measured ΔH (with its leave-outs, for paired differences), and the ESS fraction."""
 
     after: float
-    delta: float
-    delta_se: float
+    shift: Jackknifed
     ess_fraction: float
+
+    @property
+    def delta(self) -> float:
+        return self.shift.value
+
+    @property
+    def delta_se(self) -> float:
+        return self.shift.se
 
 
 def _delta(sums: Tensor) -> Tensor:
@@ -214,12 +337,18 @@ def shift_columns(weights: Tensor, integrand: Tensor, integrand_origin: Tensor, 
 
 
 def measured_shift(weights: Tensor, integrand: Tensor, integrand_origin: Tensor, norm: Tensor,
-                   group: Tensor, base: Tensor | None = None) -> ShiftTerms:
-    """ΔH(s) = Σ w f(θ_s) / Σ w c − Σ b f(θ₀) / Σ b c, with ESS = (Σw)² / Σw² / N."""
+                   group: Tensor, base: Tensor | None = None, controls: Tensor | None = None) -> ShiftTerms:
+    """ΔH(s) = Σ w f(θ_s) / Σ w c − Σ b f(θ₀) / Σ b c, with ESS = (Σw)² / Σw² / N.
+
+    With ``controls``, ΔH(s) and Ĥ(θ₀) are each corrected by their control variates and
+    Ĥ(θ₀ + sΔθ) is reported as their sum, so that after − before = ΔH still holds.
+    """
     columns = shift_columns(weights, integrand, integrand_origin, norm, base)
-    sums = columns.sum(0)
-    return ShiftTerms(float(_ratio(sums)), float(_delta(sums)), jackknife_se(columns, group, _delta),
-                      ess_fraction(weights))
+    shift = jackknifed(columns, group, _delta, _controls(controls, base))
+    after = float(_ratio(columns.sum(0)))
+    if shift.controlled:
+        after = shift.value + entropy_at_origin(integrand_origin, norm, group, base, controls).value
+    return ShiftTerms(after, shift, ess_fraction(weights))
 
 
 def rounding_floor(integrand: Tensor, norm: Tensor, log_prob_error: Tensor, integrand_error: Tensor,
@@ -245,17 +374,19 @@ def rounding_floor(integrand: Tensor, norm: Tensor, log_prob_error: Tensor, inte
 
 @dataclass(frozen=True)
 class TaylorTerms:
-    """g(0), g′(0), g″(0) along Δθ, with standard errors and per-sequence contributions."""
+    """g(0), g′(0), g″(0) and g′ + ½ g″ along Δθ, each with its leave-outs, and per-sequence
+    contributions to g′(0)."""
 
-    entropy: float
-    entropy_se: float
-    linear: float
-    linear_se: float
-    per_sequence_linear: Tensor  # a_i, Σ a_i = g′(0)
-    curvature: float | None = None
-    curvature_se: float | None = None
-    quadratic_se: float | None = None  # of g′(0) + ½ g″(0), jointly
-    columns: Tensor | None = None  # the per-sequence columns, for paired statistics (``taylor_error``)
+    entropy: Jackknifed
+    linear: Jackknifed
+    per_sequence_linear: Tensor  # a_i, Σ a_i = g′(0) as reported (control corrections included)
+    curvature: Jackknifed | None = None
+    quadratic: Jackknifed | None = None
+
+    @property
+    def best(self) -> Jackknifed:
+        """The best prediction of ΔH(1): quadratic when there are second derivatives, else linear."""
+        return self.linear if self.quadratic is None else self.quadratic
 
 
 def _linear(sums: Tensor) -> Tensor:
@@ -275,43 +406,28 @@ def _curvature(sums: Tensor) -> Tensor:
 
 def taylor_terms(integrand: Tensor, norm: Tensor, d_log_prob: Tensor, d_integrand: Tensor, group: Tensor,
                  d2_log_prob: Tensor | None = None, d2_integrand: Tensor | None = None,
-                 base: Tensor | None = None) -> TaylorTerms:
-    """g(0), g′(0) (and g″(0) when second derivatives are given), per the module formulas.
+                 base: Tensor | None = None, controls: Tensor | None = None) -> TaylorTerms:
+    """g(0), g′(0) (and g″(0) when second derivatives are given), per the module formulas; each
+    corrected by its control variates when ``controls`` are given.
 
-    Per-sequence linear contributions: a_i = b_i [f'_i + (f_i − g c_i) S'_i] / Σ b c.
+    Per-sequence linear contributions: a_i = b_i [f'_i + (f_i − g c_i) S'_i] / Σ b c, minus
+    sequence i's control correction β_(−g(i))·u_i when controls apply.
     """
     f, c, ds, df = _f64(integrand), _f64(norm), _f64(d_log_prob), _f64(d_integrand)
+    u = _controls(controls, base)
     first = weighted(torch.stack([f, c, df, f * ds, c * ds], 1), base)
     sums = first.sum(0)
     g = float(_ratio(sums))
     per_sequence = weighted(((df + (f - g * c) * ds) / sums[1])[:, None], base)[:, 0]
-    origin = entropy_at_origin(f, c, group, base)
-    terms = dict(entropy=g, entropy_se=origin.se, linear=float(_linear(sums)),
-                 linear_se=jackknife_se(first, group, _linear), per_sequence_linear=per_sequence)
+    linear = jackknifed(first, group, _linear, u)
+    if linear.controlled:
+        dense, num_groups = group_index(group)
+        per_sequence = per_sequence - control_corrections(first, dense, num_groups, _linear, u)
+    terms = dict(entropy=entropy_at_origin(f, c, group, base, controls), linear=linear,
+                 per_sequence_linear=per_sequence)
     if d2_log_prob is None:
-        return TaylorTerms(**terms, columns=first)
+        return TaylorTerms(**terms)
     d2s, d2f = _f64(d2_log_prob), _f64(d2_integrand)
     extra = weighted(torch.stack([f * d2s, c * d2s, d2f, f * ds**2, c * ds**2, ds * df], 1), base)
-    second = torch.cat([first, extra], 1)
-    return TaylorTerms(**terms, curvature=float(_curvature(second.sum(0))),
-                       curvature_se=jackknife_se(second, group, _curvature),
-                       quadratic_se=jackknife_se(second, group, _quadratic), columns=second)
-
-
-def _quadratic(sums: Tensor) -> Tensor:
-    return _linear(sums) + 0.5 * _curvature(sums)
-
-
-def taylor_error(measured_columns: Tensor, prediction_columns: Tensor, group: Tensor) -> tuple[float, float]:
-    """measured ΔH(1) − its best prediction (quadratic when the columns hold second derivatives,
-    else linear), with the grouped-jackknife SE of the paired difference.
-
-    Prediction and measurement share E, so most sampling noise cancels in the difference, but
-    not all: with top-k/top-p truncation, or far from the linear regime, the gap carries noise of
-    its own, and this SE says how much.
-    """
-    k = measured_columns.shape[1]
-    best = _quadratic if prediction_columns.shape[1] > 5 else _linear
-    stat = lambda sums: _delta(sums[..., :k]) - best(sums[..., k:])  # noqa: E731
-    columns = torch.cat([_f64(measured_columns), _f64(prediction_columns)], 1)
-    return float(stat(columns.sum(0))), jackknife_se(columns, group, stat)
+    curvature = jackknifed(torch.cat([first, extra], 1), group, _curvature, u)
+    return TaylorTerms(**terms, curvature=curvature, quadratic=linear + curvature.scaled(0.5))

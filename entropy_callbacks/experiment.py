@@ -25,7 +25,8 @@ from typing import Literal, Union
 
 import torch
 
-from .engine import measure_delta_h, predict_delta_h
+from .engine import measurement_terms, prediction_terms, summarize_measurement, summarize_prediction
+from .precision import resolve_precision
 from .model_guard import preserved_rng
 from .policy import resolve_policy, sampling_mismatch, special_tokens
 from .reporting import SMALL_G, small_g_message
@@ -48,7 +49,8 @@ class ProbeExperiment:
         trials: number of one-step trials (K).
         scales: step scales of the sweep.
         responses_per_prompt: R.
-        order, normalize, estimator, microbatch_size, precision, defensive: as for EntropyProbe.
+        order, normalize, estimator, microbatch_size, precision, defensive, control_variates: as
+            for EntropyProbe.
         lr: the learning rate of every trial's step (None: the optimizer's, as checkpointed).
             Probing one state at lr 1e-6…1e-4 shows what a realistic step does to entropy.
         seed: E and the trials' update batches derive from it.
@@ -67,6 +69,7 @@ class ProbeExperiment:
     microbatch_size: int | None = 64
     precision: Literal["auto", "float64", "float32", "model"] = "auto"
     defensive: float = DEFAULT_DEFENSIVE
+    control_variates: bool = True
     lr: float | None = None
     seed: int = 0
     output_root: str = "runs/probe"
@@ -80,7 +83,7 @@ class ProbeExperiment:
         ProbeOptions(sampling=self.sampling, responses_per_prompt=self.responses_per_prompt, order=self.order,
                      scales=tuple(self.scales), normalize=self.normalize, estimator=self.estimator,
                      microbatch_size=self.microbatch_size, seed=self.seed, precision=self.precision,
-                     defensive=self.defensive)
+                     defensive=self.defensive, control_variates=self.control_variates)
 
 
 def trial_seed(seed: int, trial: int) -> int:
@@ -132,10 +135,16 @@ def run_trial(module, policy, optimizer, batch_e, experiment: ProbeExperiment, t
     loss.backward()
     optimizer.step()
     delta = step_delta(policy, before)
-    kwargs = dict(normalize=experiment.normalize, estimator=experiment.estimator,
-                  microbatch_size=experiment.microbatch_size, precision=experiment.precision)
-    prediction = predict_delta_h(policy, batch_e, before, delta, order=experiment.order, **kwargs)
-    measurement = measure_delta_h(policy, batch_e, before, delta, scales=experiment.scales, **kwargs)
+    kwargs = dict(estimator=experiment.estimator, microbatch_size=experiment.microbatch_size,
+                  precision=resolve_precision(experiment.precision, policy))
+    # As the callback: the prediction's pass gives the controls and stands in for a θ₀ pass.
+    derivatives = prediction_terms(policy, batch_e, before, delta, order=experiment.order, **kwargs)
+    values = measurement_terms(policy, batch_e, before, delta, scales=experiment.scales, origin=derivatives,
+                               **kwargs)
+    controlled = experiment.control_variates
+    prediction = summarize_prediction(derivatives, experiment.normalize, controlled)
+    measurement = summarize_measurement(values, experiment.scales, experiment.normalize,
+                                        controls=derivatives.controls if controlled else None)
     per_scale = []
     for k, scale in enumerate(measurement.scales):
         linear, quadratic = prediction.at_scale(scale)
@@ -146,6 +155,7 @@ def run_trial(module, policy, optimizer, batch_e, experiment: ProbeExperiment, t
             "linear_relative_error": _relative_error(linear, measurement.delta[k]),
             "quadratic_relative_error": _relative_error(quadratic, measurement.delta[k]),
             "ess_fraction": measurement.ess_fraction[k], "outside_support": measurement.outside_support[k],
+            "measured_usable": measurement.usable[k],
         })
     slope, r2 = log_log_fit(list(measurement.scales), measurement.delta)
     return {
@@ -154,6 +164,7 @@ def run_trial(module, policy, optimizer, batch_e, experiment: ProbeExperiment, t
         "step_norm": step_norm(delta), "entropy_before": measurement.entropy_before,
         "entropy_before_se": measurement.entropy_before_se, "linear": prediction.linear,
         "linear_se": prediction.linear_se, "curvature": prediction.curvature,
+        "control_variates": measurement.control_variates,
         "loglog_slope": slope, "loglog_r2": r2, "per_scale": per_scale,
     }
 

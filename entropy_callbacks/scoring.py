@@ -6,7 +6,8 @@ For every sequence i of a (micro)batch this computes, at the θ given by a param
     f_i(θ) = Σ_k H(q_θ,ik)  ("rb")  or  −S_i(θ)  ("naive")
 
 in float64, and their first (and second) derivatives in s along θ₀ + sΔθ by forward-mode AD
-(dual tensors for order 1, nested ``torch.func.jvp`` for order 2). Parameters are placed layer
+(dual tensors for order 1, nested ``torch.func.jvp`` for order 2); at θ₀ a derivative pass also
+gives the score features of known mean 0 that serve as control variates (``score_controls``). Parameters are placed layer
 by layer in the pass's compute dtype (``layerwise``); the model's own are never touched.
 """
 
@@ -48,6 +49,40 @@ class SequenceDerivatives:
     d_integrand: Tensor
     d2_log_prob: Tensor | None = None
     d2_integrand: Tensor | None = None
+    controls: Tensor | None = None  # [n, J] score features of known mean 0 (``score_controls``)
+
+
+def score_controls(token_log_prob: Tensor, token_integrand: Tensor, d_token_log_prob: Tensor,
+                   d_token_integrand: Tensor, counted: Tensor, estimator: str) -> Tensor:
+    r"""Per-sequence features u_i of known mean 0 under y ~ q_θ₀(·|x), for every prompt x
+    (docs/method.md §5, Control variates), from per-position terms at θ₀ (zero where not counted).
+
+    Each feature is Σ_t m_t e_t: an innovation e_t, a function of the sampled token y_t whose
+    mean given the prefix y_<t is 0, times a multiplier m_t fixed by the prefix — so each term,
+    and the sum, has mean 0. The innovations:
+
+        s'_t = D log q_θ(y_t | y_<t)[Δθ]     (mean 0: D Σ_v q(v) = 0 on a fixed support)
+        e_t  = log q(y_t | y_<t) + H_t        (mean 0: E[log q(y_t)] = −H_t)
+
+    and the features, in two families (columns as ``estimators.CONTROL_FAMILIES``):
+
+        score      Σ s'_t,  Σ P_t s'_t,  Σ n_t s'_t
+        surprisal  Σ e_t,   Σ P_t e_t,   Σ n_t e_t,  Σ H_t e_t,  Σ H'_t e_t      ("rb" only: e_t needs H_t)
+
+    with P_t the integrand over the positions y_t cannot influence (Σ_{τ≤t} H_τ for "rb",
+    Σ_{τ<t} −log q(y_τ) for "naive"), n_t the counted positions up to t, H'_t = D H_t[Δθ].
+    """
+    counted = counted.to(torch.float64)
+    score = d_token_log_prob.double() * counted
+    h = token_integrand.double() * counted
+    past = h.cumsum(-1) if estimator == "rb" else h.cumsum(-1) - h
+    position = counted.cumsum(-1)
+    features = [score.sum(-1), (past * score).sum(-1), (position * score).sum(-1)]
+    if estimator == "rb":
+        surprisal = (token_log_prob.double() + h) * counted
+        slope = d_token_integrand.double() * counted
+        features += [surprisal.sum(-1)] + [(m * surprisal).sum(-1) for m in (past, position, h, slope)]
+    return torch.stack(features, -1)
 
 
 def _logits(model: torch.nn.Module, batch: ProbeBatch, point: StepPoint) -> Tensor:
@@ -62,10 +97,11 @@ def _logits(model: torch.nn.Module, batch: ProbeBatch, point: StepPoint) -> Tens
     return logits[:, -(steps + 1):-1]
 
 
-def _token_terms(model, batch: ProbeBatch, point: StepPoint, estimator: str, *,
-                 at_origin: bool, reference_support: Tensor | None = None, keep_support: bool = False,
-                 vocab_float64: bool = False):
-    """Per-sequence S and f (and the support/outside-mass extras of a value pass)."""
+def _position_terms(model, batch: ProbeBatch, point: StepPoint, estimator: str, *,
+                    at_origin: bool, reference_support: Tensor | None = None, keep_support: bool = False,
+                    vocab_float64: bool = False):
+    """Per-position log q(y_t) and integrand (H_t or −log q(y_t)), zero where not counted, [n, M]
+    (and the support/outside-mass extras of a value pass)."""
     targets = batch.input_ids[:, batch.prompt_length:]
     counted = batch.response_mask[:, batch.prompt_length:]
     # At θ₀ a token our sampler drew is in the support by construction; forcing it in guards
@@ -76,16 +112,19 @@ def _token_terms(model, batch: ProbeBatch, point: StepPoint, estimator: str, *,
         logits = logits.to(torch.float64)
     force = targets if at_origin and batch.proposal_log_probs is None else None
     log_q, support = sampling_log_probs(logits, batch.config, force=force)
-    token_log_prob = log_q.gather(-1, targets[..., None]).squeeze(-1)
-    log_prob = token_log_prob.masked_fill(~counted, 0.0).double().sum(-1)
+    token_log_prob = log_q.gather(-1, targets[..., None]).squeeze(-1).masked_fill(~counted, 0.0)
     if estimator == "rb":
-        integrand = entropy(log_q, support).masked_fill(~counted, 0.0).double().sum(-1)
+        token_integrand = entropy(log_q, support).masked_fill(~counted, 0.0)
     else:
-        integrand = -log_prob
+        token_integrand = -token_log_prob
     outside = None
     if reference_support is not None:
         outside = mass_outside(log_q.detach(), reference_support).masked_fill(~counted, 0.0).double().sum(-1)
-    return log_prob, integrand, outside, (support if keep_support else None)
+    return token_log_prob, token_integrand, outside, (support if keep_support else None)
+
+
+def _sums(*per_position: Tensor) -> list[Tensor]:
+    return [t.double().sum(-1) for t in per_position]
 
 
 @torch.no_grad()
@@ -100,10 +139,10 @@ def score_values(model, batch: ProbeBatch, point: StepPoint, estimator: str, *,
     passes need no such care: they difference nothing.
     """
     with math_attention(model):
-        log_prob, integrand, outside, support = _token_terms(
+        token_log_prob, token_integrand, outside, support = _position_terms(
             model, batch, point, estimator, at_origin=at_origin,
             reference_support=reference_support, keep_support=keep_support, vocab_float64=point.dtype is not None)
-    return SequenceValues(log_prob, integrand, outside, support)
+    return SequenceValues(*_sums(token_log_prob, token_integrand), outside, support)
 
 
 def score_derivatives(model, batch: ProbeBatch, base: Mapping[str, Tensor], delta: Mapping[str, Tensor],
@@ -119,9 +158,18 @@ def score_derivatives(model, batch: ProbeBatch, base: Mapping[str, Tensor], delt
     point = StepPoint(base, delta, float(at), dtype)
     params = dict(model.named_parameters())
 
+    counted = batch.response_mask[:, batch.prompt_length:]
+
     def terms(value_of) -> tuple[Tensor, Tensor]:
-        log_prob, integrand, _, _ = _token_terms(model, batch, value_of, estimator, at_origin=at == 0.0)
-        return log_prob, integrand
+        token_log_prob, token_integrand, _, _ = _position_terms(model, batch, value_of, estimator,
+                                                                at_origin=at == 0.0)
+        return token_log_prob, token_integrand
+
+    def result(log_prob, integrand, d_log_prob, d_integrand, *second) -> SequenceDerivatives:
+        # Controls are exact-mean-0 only where E was drawn: at θ₀.
+        controls = (score_controls(log_prob, integrand, d_log_prob, d_integrand, counted, estimator)
+                    if at == 0.0 else None)
+        return SequenceDerivatives(*_sums(log_prob, integrand, d_log_prob, d_integrand, *second), controls=controls)
 
     def moving_or_point(moving: Mapping[str, Tensor]):
         return lambda name, param: moving[name] if name in moving else point(name, param)
@@ -138,7 +186,7 @@ def score_derivatives(model, batch: ProbeBatch, base: Mapping[str, Tensor], delt
 
             with fwAD.dual_level():
                 log_prob, integrand = (fwAD.unpack_dual(t) for t in terms(dual))
-            return SequenceDerivatives(log_prob.primal, integrand.primal, log_prob.tangent, integrand.tangent)
+            return result(log_prob.primal, integrand.primal, log_prob.tangent, integrand.tangent)
 
         primal = {n: point(n, params[n]) for n in delta}
         direction = {n: tangent(n, primal[n]) for n in delta}
@@ -148,6 +196,4 @@ def score_derivatives(model, batch: ProbeBatch, base: Mapping[str, Tensor], delt
             return (*values, *firsts)
 
         values, tangents = jvp(with_first, (primal,), (direction,))
-    log_prob, integrand, d_log_prob, d_integrand = (v.detach() for v in values)
-    return SequenceDerivatives(log_prob, integrand, d_log_prob, d_integrand,
-                               tangents[2].detach(), tangents[3].detach())
+    return result(*(v.detach() for v in values), tangents[2].detach(), tangents[3].detach())

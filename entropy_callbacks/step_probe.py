@@ -18,7 +18,7 @@ from typing import Literal, Protocol, Sequence
 import torch
 
 from . import estimators
-from .engine import (check_options, check_order, concat_terms, measurement_terms, prediction_terms, sampled_from,
+from .engine import (check_flag, check_options, check_order, concat_terms, measurement_terms, prediction_terms, sampled_from,
                      summarize_measurement, summarize_prediction, taylor_gap)
 from .params import check_scales
 from .precision import Precision, check_precision, resolve_precision
@@ -78,6 +78,7 @@ class ProbeOptions:
     snapshot_device: Literal["auto", "cpu"] = "auto"
     precision: Precision = "auto"
     defensive: float = DEFAULT_DEFENSIVE
+    control_variates: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.sampling, SamplingConfig):
@@ -95,6 +96,7 @@ class ProbeOptions:
             raise ValueError(f"snapshot_device must be 'auto' or 'cpu', got {self.snapshot_device!r}")
         check_precision(self.precision)
         check_defensive(self.defensive)
+        check_flag("control_variates", self.control_variates)
 
 
 @dataclass
@@ -132,6 +134,10 @@ class ProbeRecord:
     num_sequences: int = 0
     num_tokens: int = 0
     dof: int = 0  # of every SE: prompt groups − 1; bands are ± t_quantile(dof)·SE
+    control_variates: bool = False  # the estimates and SEs include score control variates
+    # False when the step moved mass outside θ₀'s top-k/top-p support that E, drawn from q_θ₀
+    # itself, cannot see (outside_support above the warning level): the measured ΔH is biased
+    delta_measured_usable: bool = True
     per_sequence_linear: list[float] = field(default_factory=list)
     per_sequence_weight: list[float] = field(default_factory=list)  # SNIS weight at s = 1, mean 1
 
@@ -173,6 +179,8 @@ class ProbeRecord:
             m[f"delta_measured@{scale:g}"] = delta
         if truncates:
             m["outside_support"] = self.outside_support[0]
+        if not self.delta_measured_usable:  # biased (outside_support says why): not plotted as if it were not
+            m = {k: v for k, v in m.items() if not k.startswith(("delta_measured", "taylor_error"))}
         return {prefix + name: value for name, value in m.items()}
 
     def to_json(self) -> dict:
@@ -301,11 +309,12 @@ class StepProbe:
         o = self.options
         prediction = concat_terms([p.prediction for p in parts])
         measurement = concat_terms([p.measurement for p in parts])
-        predicted = summarize_prediction(prediction, o.normalize)
-        measured = summarize_measurement(measurement, o.scales, o.normalize)
-        seconds = max(p.seconds for p in parts) + time.perf_counter() - started
+        controls = prediction.controls if o.control_variates else None
+        predicted = summarize_prediction(prediction, o.normalize, o.control_variates)
+        measured = summarize_measurement(measurement, o.scales, o.normalize, controls=controls)
         quadratic = predicted.quadratic
-        gap, gap_se = taylor_gap(prediction, measurement, o.normalize)
+        gap, gap_se = taylor_gap(prediction, measurement, o.normalize, control_variates=o.control_variates)
+        seconds = max(p.seconds for p in parts) + time.perf_counter() - started
         return ProbeRecord(
             step=first.step,
             entropy_before=measured.entropy_before,
@@ -336,6 +345,8 @@ class StepProbe:
             outside_support=list(measured.outside_support),
             num_sequences=int(prediction.group.numel()),
             dof=predicted.dof,
+            control_variates=measured.control_variates,
+            delta_measured_usable=measured.usable[0],
             num_tokens=int(prediction.token_counts.sum()),
             per_sequence_linear=predicted.per_sequence_linear.tolist(),
             per_sequence_weight=relative_weights(measurement).tolist(),

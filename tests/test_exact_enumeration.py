@@ -25,6 +25,9 @@ import torch
 from torch.func import functional_call
 
 from entropy_callbacks import SamplingConfig, entropy_estimate, measure_delta_h, predict_delta_h, sample_batch
+from entropy_callbacks.engine import (measurement_terms, prediction_terms, summarize_measurement,
+                                      summarize_prediction)
+from entropy_callbacks.precision import resolve_precision
 from tiny_models import float64_rmsnorm, tiny_model
 
 VOCAB, EOS, PAD, MAX_NEW = 6, 1, 0, 3
@@ -45,6 +48,7 @@ SINGLE_SLOTS = 500  # x 4 responses = 2000 sequences for the one-run 4-SE check
 CALIBRATION_SLOTS = 250  # x 4 = 1000 sequences per seed in the z-score loop
 CALIBRATION_SEEDS = range(1, 61)  # 60 seeds
 QUANTITIES = ("entropy", "linear", "delta_h")
+CONTROLLED = tuple(q + "_cv" for q in QUANTITIES)
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,16 +230,46 @@ def draw_batch(model, config: SamplingConfig, seed: int, slots: int):
 
 
 def estimates(model, base: dict, reference: Reference, batch) -> dict:
-    """(estimate, SE, exact) for every quantity and normalisation, plus outside_support."""
+    """(estimate, SE, exact) for every quantity and normalisation, plain and with control
+    variates ("_cv"), plus outside_support and whether the controls applied.
+
+    One derivative pass and one measurement serve both normalisations and both variants, as in
+    the probe (``StepProbe``); the public functions are checked on one E in
+    ``test_one_run_within_4_se``."""
+    small = {n: SMALL_STEP * d for n, d in reference.direction.items()}
+    precision = resolve_precision("auto", model)
+    derivatives = prediction_terms(model, batch, base, reference.direction, order=1, estimator="rb",
+                                   microbatch_size=None, precision=precision)
+    values = measurement_terms(model, batch, base, small, scales=(1.0,), estimator="rb", microbatch_size=None,
+                               precision=precision)
+    out = {}
+    for norm in NORMALIZATIONS:
+        for suffix, controlled in (("", False), ("_cv", True)):
+            pred = summarize_prediction(derivatives, norm, control_variates=controlled)
+            with warnings.catch_warnings():
+                # the small step keeps the support: its warning must not fire
+                warnings.filterwarnings("error", message=".*support", category=UserWarning)
+                # the controls' features are along the unit direction: scale-free, still mean 0
+                meas = summarize_measurement(values, (1.0,), norm,
+                                             controls=derivatives.controls if controlled else None)
+            out[("entropy" + suffix, norm)] = (meas.entropy_before, meas.entropy_before_se, reference.value[norm])
+            out[("linear" + suffix, norm)] = (pred.linear, pred.linear_se, reference.derivative[norm])
+            out[("delta_h" + suffix, norm)] = (meas.delta[0], meas.delta_se[0], reference.delta_h[norm])
+            out[("controlled" + suffix, norm)] = (pred.control_variates, meas.control_variates)
+        out[("outside_support", norm)] = meas.outside_support[0]
+    return out
+
+
+def public_estimates(model, base: dict, reference: Reference, batch) -> dict:
+    """The same quantities through the public functions (controls on where they are by default)."""
     small = {n: SMALL_STEP * d for n, d in reference.direction.items()}
     out = {}
     for norm in NORMALIZATIONS:
         est = entropy_estimate(model, batch, normalize=norm)
         pred = predict_delta_h(model, batch, base, reference.direction, order=1, normalize=norm)
         with warnings.catch_warnings():
-            # the small step keeps the support: its warning must not fire
             warnings.filterwarnings("error", message=".*support", category=UserWarning)
-            meas = measure_delta_h(model, batch, base, small, normalize=norm)
+            meas = measure_delta_h(model, batch, base, small, normalize=norm, control_variates=True)
         out[("entropy", norm)] = (est.value, est.se, reference.value[norm])
         out[("linear", norm)] = (pred.linear, pred.linear_se, reference.derivative[norm])
         out[("delta_h", norm)] = (meas.delta[0], meas.delta_se[0], reference.delta_h[norm])
@@ -288,7 +322,7 @@ def test_one_run_within_4_se(model, base, references, name):
     """One E of 2000 sequences: every estimate within 4 SE of its exact value."""
     batch = draw_batch(model, CONFIGS[name], seed=10_000, slots=SINGLE_SLOTS)
     assert len(batch) == SINGLE_SLOTS * RESPONSES_PER_SLOT
-    out = estimates(model, base, references[name], batch)
+    out = public_estimates(model, base, references[name], batch)
     for quantity in QUANTITIES:
         for norm in NORMALIZATIONS:
             value, se, exact = out[(quantity, norm)]
@@ -298,10 +332,11 @@ def test_one_run_within_4_se(model, base, references, name):
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-@pytest.mark.parametrize("quantity", QUANTITIES)
+@pytest.mark.parametrize("quantity", QUANTITIES + CONTROLLED)
 @pytest.mark.parametrize("norm", NORMALIZATIONS)
 def test_standard_errors_calibrated(calibration, name, quantity, norm):
-    """Over 60 seeds, z = (estimate − exact) / SE has |mean| < 0.5 and std in [0.7, 1.4]."""
+    """Over 60 seeds, z = (estimate − exact) / SE has |mean| < 0.5 and std in [0.7, 1.4], with
+    and without control variates (docs/method.md §5)."""
     z = torch.tensor([(row[(quantity, norm)][0] - row[(quantity, norm)][2]) / row[(quantity, norm)][1]
                       for row in calibration[name]], dtype=torch.float64)
     assert len(z) >= 50
@@ -309,6 +344,57 @@ def test_standard_errors_calibrated(calibration, name, quantity, norm):
     print(f"{name} {quantity} {norm}: z mean {mean:+.3f} std {std:.3f}")
     assert abs(mean) < 0.5, (mean, std)
     assert 0.7 <= std <= 1.4, (mean, std)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("norm", NORMALIZATIONS)
+def test_control_variates_reduce_the_standard_errors(calibration, name, norm):
+    """On the same draws, the controls shrink the RMS SE of g′ and of the measured ΔH (and never
+    grow Ĥ's by more than the noise of a fitted coefficient), and the SEs still match the spread
+    of the estimates over the seeds."""
+    rows = calibration[name]
+    assert all(all(row[("controlled_cv", norm)]) for row in rows)  # 250 groups: always enough to fit
+    for quantity, most in (("linear", 0.9), ("delta_h", 0.9), ("entropy", 1.02)):
+        plain = torch.tensor([row[(quantity, norm)][:2] for row in rows], dtype=torch.float64)
+        controlled = torch.tensor([row[(quantity + "_cv", norm)][:2] for row in rows], dtype=torch.float64)
+        ratio = float(controlled[:, 1].square().mean().sqrt() / plain[:, 1].square().mean().sqrt())
+        spread = float(controlled[:, 0].std() / controlled[:, 1].square().mean().sqrt())
+        print(f"{name} {quantity} {norm}: RMS SE controlled / plain {ratio:.3f}, SD / RMS SE {spread:.2f}")
+        assert ratio < most, (quantity, ratio)
+        assert 0.75 < spread < 1.3, (quantity, spread)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("estimator", ["rb", "naive"])
+def test_control_features_have_mean_zero_for_every_prompt(model, base, references, name, estimator):
+    """The features of the control variates (docs/method.md §5) have mean exactly 0 under
+    q_θ₀(·|x) for every prompt x: Σ_y q_θ₀(y|x) u(y) over every response y the policy can produce,
+    with q_θ₀ from the reference, is 0 to rounding, though each feature varies by O(1) across y."""
+    from entropy_callbacks import ProbeBatch
+
+    ref = references[name]
+    prompts, responses, probs = [], [], []
+    for g, prompt in enumerate(PROMPTS):
+        for response, prob in zip(RESPONSES, ref.at_origin["probs"][g].tolist()):
+            if prob > 0:  # under top-p, the responses inside the support
+                prompts.append(prompt)
+                responses.append(response)
+                probs.append((g, prob))
+    batch = ProbeBatch.from_sequences(prompts, responses, ref.config, eos_token_id=EOS, pad_token_id=PAD)
+    terms = prediction_terms(model, batch, base, ref.direction, order=1, estimator=estimator,
+                             microbatch_size=None, precision=resolve_precision("auto", model))
+    u = terms.controls
+    assert u.shape == (len(responses), 8 if estimator == "rb" else 3)
+    for g in range(len(PROMPTS)):
+        rows = [i for i, (h, _) in enumerate(probs) if h == g]
+        q = torch.tensor([probs[i][1] for i in rows], dtype=torch.float64)
+        assert float(q.sum()) == pytest.approx(1.0, abs=1e-12)
+        # the library's own S_i(θ₀) is the reference's log q(y|x)
+        assert torch.allclose(terms.log_prob[rows].exp(), q, rtol=1e-9, atol=1e-15)
+        mean = (q[:, None] * u[rows]).sum(0)
+        spread = (q[:, None] * u[rows].square()).sum(0).sqrt()
+        assert bool((spread > 1e-3).all()), spread
+        assert bool((mean.abs() <= 1e-9 * spread).all()), (g, mean, spread)
 
 
 def test_small_step_keeps_the_support(calibration):
