@@ -260,7 +260,7 @@ def summarize_measurement(terms: MeasurementTerms, scales: Sequence[float], norm
         delta_floor=floor,
         dof=estimators.degrees_of_freedom(terms.group),
         ess_origin=estimators.ess_fraction(base),
-        control_variates=before.controlled,
+        control_variates=before.controlled or any(s.shift.controlled for s in shifts),
         usable=usable,
     )
 
@@ -351,7 +351,8 @@ def summarize_prediction(terms: PredictionTerms, normalize: str, control_variate
         curvature_se=taylor.curvature.se if second else None,
         quadratic_se=taylor.quadratic.se if second else None,
         dof=estimators.degrees_of_freedom(terms.group),
-        control_variates=taylor.linear.controlled,
+        control_variates=any(t is not None and t.controlled
+                             for t in (taylor.entropy, taylor.linear, taylor.curvature)),
     )
 
 

@@ -32,7 +32,7 @@ class Prediction:
     curvature_se: float | None = None
     quadratic_se: float | None = None  # of g′(0) + ½ g″(0), jointly (order 2)
     dof: int = 0  # of every SE here: prompt groups − 1
-    control_variates: bool = False  # the values and SEs here include control-variate corrections
+    control_variates: bool = False  # some value here includes a control-variate correction (docs/method.md §5)
 
     def at_scale(self, scale: float) -> tuple[float, float | None]:
         """(s·g′(0), s·g′(0) + ½ s² g″(0)) — the linear and quadratic predictions at scale s."""
@@ -63,7 +63,7 @@ class Measurement:
     # ESS fraction of the weights q_θ₀/p at θ₀: 1 when E came from q_θ₀; below 1 it measures how
     # far the proposal E was drawn from (the rollout engine) is from the policy the probe scores.
     ess_origin: float = 1.0
-    control_variates: bool = False  # the values and SEs here include control-variate corrections
+    control_variates: bool = False  # some value here includes a control-variate correction (docs/method.md §5)
     # Per scale: False when the step moved more than OUTSIDE_SUPPORT_WARNING of the mass per
     # token outside θ₀'s top-k/top-p support and E came from q_θ₀ itself, which cannot see
     # there: that delta is biased and should not be used (a proposal, e.g. defensive, can see).

@@ -3,8 +3,8 @@
 A step large enough to move tokens into the top-p (top-k) support puts mass where E, drawn
 from q_θ₀, has no sequences: the plain SNIS measurement is biased. Drawn instead from
 (1 − ε)·q_θ₀ + ε·q_θ₀,untruncated and weighted back, it is not. Checked against the exact
-population ΔH (every response enumerated, ``test_exact_enumeration``) over 50 seeds. (That
-reference implements top-p, not top-k; the proposal treats both alike.)
+population ΔH (every response enumerated, ``test_exact_enumeration``, whose reference implements
+top-k and top-p) over 50 seeds.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from test_exact_enumeration import (  # noqa: F401  (environment, model, base: f
 CASES = {
     "tau0.7-top_p0.85": SamplingConfig(max_new_tokens=MAX_NEW, temperature=0.7, top_p=0.85),
     "tau1-top_p0.85": SamplingConfig(max_new_tokens=MAX_NEW, temperature=1.0, top_p=0.85),
+    "tau1-top_k3": SamplingConfig(max_new_tokens=MAX_NEW, temperature=1.0, top_k=3),
 }
 DEFENSIVE = 0.1
 SEEDS = range(1, 51)

@@ -69,22 +69,28 @@ RESPONSES = all_responses()
 assert len(RESPONSES) == 1 + (VOCAB - 1) + (VOCAB - 1) ** 2 * VOCAB  # 156
 
 
-def reference_log_q(logits: torch.Tensor, temperature: float, top_p: float):
-    """log of softmax(logits/τ) restricted to the top-p support and renormalised (Hugging Face
-    semantics: sort ascending, drop tokens whose cumulative probability is <= 1 - top_p, always
-    keep the most likely one). Also returns the support and each context's distance to a top-p
-    boundary tie (how far the cumulative sums sit from 1 - top_p)."""
+def reference_log_q(logits: torch.Tensor, temperature: float, top_p: float, top_k: int = 0):
+    """log of softmax(logits/τ) restricted to the top-k, then top-p support and renormalised
+    (Hugging Face semantics: top-k keeps the k largest logits; top-p sorts ascending, drops tokens
+    whose cumulative probability is <= 1 - top_p, always keeps the most likely one). Also returns
+    the support and each context's distance to a boundary tie (for top-p, how far the cumulative
+    sums sit from 1 - top_p; for top-k, the gap between the k-th and (k+1)-th probability)."""
     z = logits / temperature
+    keep = torch.ones_like(z, dtype=torch.bool)
+    margin = torch.full(z.shape[:-1], math.inf, dtype=z.dtype)
+    if 0 < top_k < z.shape[-1]:
+        top = z.softmax(-1).topk(top_k + 1, dim=-1).values
+        keep = z >= z.topk(top_k, dim=-1).values[..., -1:]
+        margin = top[..., -2] - top[..., -1]
+        z = z.masked_fill(~keep, -math.inf)
     probs = z.softmax(-1)
-    keep = torch.ones_like(probs, dtype=torch.bool)
-    margin = torch.full(probs.shape[:-1], math.inf, dtype=probs.dtype)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(-1)
         cumulative = sorted_probs.cumsum(-1)
         drop = cumulative <= 1.0 - top_p
         drop[..., -1] = False
-        keep = ~torch.zeros_like(drop).scatter(-1, order, drop)
-        margin = (cumulative[..., :-1] - (1.0 - top_p)).abs().amin(-1)
+        keep = keep & ~torch.zeros_like(drop).scatter(-1, order, drop)
+        margin = torch.minimum(margin, (cumulative[..., :-1] - (1.0 - top_p)).abs().amin(-1))
     return z.masked_fill(~keep, -math.inf).log_softmax(-1), keep, margin
 
 
@@ -105,7 +111,7 @@ def exact_population(model, params: dict, config: SamplingConfig, *, origin: dic
         ids = torch.cat([torch.tensor(prompt).expand(len(RESPONSES), -1), padded], 1)
         logits = functional_call(model, params, (), {"input_ids": ids, "use_cache": False}).logits
         logits = logits[:, len(prompt) - 1: len(prompt) - 1 + MAX_NEW].double()  # predict y_1..y_3
-        log_q, keep, margin = reference_log_q(logits, config.temperature, config.top_p)
+        log_q, keep, margin = reference_log_q(logits, config.temperature, config.top_p, config.top_k)
         # 0·log 0 = 0 outside the support (masked before the product: no NaN gradients)
         token_entropy = -(log_q.exp() * log_q.masked_fill(~keep, 0.0)).sum(-1)
         token_log_q = log_q.gather(-1, padded[..., None]).squeeze(-1).masked_fill(~counted, 0.0)
