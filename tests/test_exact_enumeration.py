@@ -421,6 +421,7 @@ def test_large_step_flags_outside_support(model, base, references):
     with pytest.warns(UserWarning, match="support"):
         meas = measure_delta_h(model, batch, base, large)
     assert meas.outside_support[0] > 1e-3
+    assert meas.usable == [False]  # E from q_θ₀ cannot see there: marked, not reported as usable
     # the estimate tracks the exact population mass (a plain mean over ~4600 positions)
     assert meas.outside_support[0] == pytest.approx(ref.large["outside"], rel=0.2)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 
 import pytest
 import torch
@@ -154,3 +155,29 @@ def test_too_few_groups_or_sequences_for_controls():
     for groups, per_group in ((3, 40), (4, 2)):
         f, c, group, u = synthetic_draw(gen, groups, per_group)
         assert not entropy_at_origin(f, c, group, controls=u).controlled
+
+
+def test_an_unusable_measurement_is_neither_plotted_nor_calibrated():
+    """A record whose measured ΔH is marked unusable (outside_support, docs/method.md §3) keeps the
+    number in its JSON but logs no delta_measured or taylor_error scalars, and the callback's
+    calibration leaves it out."""
+    from entropy_callbacks import EntropyProbe
+    from entropy_callbacks.step_probe import ProbeRecord
+
+    record = ProbeRecord(step=3, entropy_before=1.0, entropy_before_se=0.1, delta_measured=-2e-3,
+                         delta_measured_se=1e-4, delta_linear=-1e-3, delta_linear_se=1e-4, taylor_error=-1e-3,
+                         taylor_error_se=1e-4, scales=[1.0, 2.0], delta_measured_at=[-2e-3, -5e-3],
+                         outside_support=[0.02, 0.05], dof=9, delta_measured_usable=False)
+    metrics = record.metrics(truncates=True)
+    assert not any(k.startswith(("entropy/delta_measured", "entropy/taylor_error")) for k in metrics)
+    assert metrics["entropy/outside_support"] == 0.02 and "entropy/delta_linear" in metrics
+    assert record.to_json()["delta_measured"] == -2e-3 and record.to_json()["delta_measured_usable"] is False
+    usable = dataclasses.replace(record, delta_measured_usable=True).metrics(truncates=True)
+    assert "entropy/delta_measured" in usable and "entropy/taylor_error" in usable
+
+    probe = EntropyProbe(prompts=[[2, 3]], sampling=SamplingConfig(max_new_tokens=2, top_p=0.9))
+    not_rank_zero = types.SimpleNamespace(is_global_zero=False)  # publishes, logs nothing
+    probe._publish(not_rank_zero, record, None)
+    assert len(probe.calibration.history) == 0
+    probe._publish(not_rank_zero, dataclasses.replace(record, delta_measured_usable=True), None)
+    assert len(probe.calibration.history) == 1
