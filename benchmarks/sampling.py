@@ -8,6 +8,9 @@ every row forced to run all ``--new-tokens`` steps (EOS is a token the model is 
 stop at), timed as ratios to one no-grad forward of the same-sized batch:
 
 - sample_batch            the library's sampler (counter-based Gumbel noise, preallocated mask)
+- sample_batch (static)   the same with ``DecodeOptions(cache="static")``
+- sample_batch (compiled) ``DecodeOptions(cache="static", compile=True)`` (with ``--compile``:
+                          compiling takes tens of seconds, outside the timed calls)
 - generate (dynamic)      ``HFGenerateSampler()``: HF generate with its default cache, plus scores
 - generate (static)       ``HFGenerateSampler(cache_implementation="static")``
 
@@ -31,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import add_model_arguments, add_run_arguments, check_run_arguments, prepare, random_llama, timer  # noqa: E402
-from entropy_callbacks import SamplingConfig, sample_batch  # noqa: E402
+from entropy_callbacks import DecodeOptions, SamplingConfig, sample_batch  # noqa: E402
 from entropy_callbacks.hf_sampler import HFGenerateSampler  # noqa: E402
 from entropy_callbacks.sampling import _signed, counter_uniforms, row_seed  # noqa: E402
 
@@ -69,6 +72,7 @@ def main(argv=None) -> int:
     p.add_argument("--rows", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--compile", action="store_true", help="also time the compiled decoding step")
     args = p.parse_args(argv)
     check_run_arguments(p, args)
     code = prepare(args.threads, args.device)
@@ -90,11 +94,16 @@ def main(argv=None) -> int:
 
     candidates = {
         "sample_batch": lambda: sample_batch(model, prompts, config, eos_token_id=eos, pad_token_id=pad, seed=1),
+        "sample_batch (static)": lambda: sample_batch(model, prompts, config, eos_token_id=eos, pad_token_id=pad,
+                                                      seed=1, decode=DecodeOptions(cache="static")),
         "generate (dynamic)": lambda: HFGenerateSampler(eos_token_id=eos, pad_token_id=pad)(
             model, prompts, config, responses_per_prompt=1, seed=1),
         "generate (static)": lambda: HFGenerateSampler(cache_implementation="static", eos_token_id=eos,
                                                        pad_token_id=pad)(model, prompts, config,
                                                                          responses_per_prompt=1, seed=1),
+        **({"sample_batch (compiled)": lambda: sample_batch(
+            model, prompts, config, eos_token_id=eos, pad_token_id=pad, seed=1,
+            decode=DecodeOptions(cache="static", compile=True))} if args.compile else {}),
         "noise: counter-based": lambda: counter_based(args.rows, args.vocab, args.device),
         "noise: a Generator per row": lambda: per_row_generators(args.rows, args.vocab, args.device),
     }

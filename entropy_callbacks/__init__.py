@@ -2,10 +2,10 @@
 
 from .engine import entropy_estimate, measure_delta_h, predict_delta_h
 from .results import Estimate, Measurement, Prediction
-from .sampling import ProbeBatch, SamplingConfig, sample_batch
+from .sampling import DecodeOptions, ProbeBatch, SamplingConfig, sample_batch
 
 __all__ = [
-    "SamplingConfig", "ProbeBatch", "sample_batch",
+    "SamplingConfig", "ProbeBatch", "sample_batch", "DecodeOptions",
     "entropy_estimate", "predict_delta_h", "measure_delta_h",
     "Estimate", "Prediction", "Measurement",
     "EntropyProbe",

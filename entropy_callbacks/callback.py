@@ -28,7 +28,7 @@ from .policy import check_trainable, resolve_policy, sampling_mismatch, special_
 from .prompts import load_prompts, tokenize_prompts
 from .reporting import (SMALL_G, JsonlFile, SeriesRuns, custom_scalars_layout, log_to_tensorboard, small_g_message,
                         summary_table)
-from .sampling import ProbeBatch, SamplingConfig, check_sampling_inputs
+from .sampling import DecodeOptions, ProbeBatch, SamplingConfig, check_sampling_inputs
 from .step_probe import DEFAULT_DEFENSIVE, ProbeOptions, ProbeRecord, StepProbe
 
 JSONL_NAME = "entropy_probe.jsonl"
@@ -70,6 +70,9 @@ class EntropyProbe(Callback):
             the support is still measured without bias; 0: draw from q_θ₀ (docs/method.md §3).
         control_variates: subtract cross-fitted score control variates from every estimate
             (docs/method.md §5): smaller SEs at no bias, for a few percent of the probe's time.
+        decode: how the built-in sampler runs its decoding steps: ``DecodeOptions(cache="static",
+            compile=True)`` preallocates the KV cache and compiles the step (CUDA graphs on a
+            GPU); the draws are the same.
         on_error: "warn" (count and continue) or "raise".
         log_samples: how many decoded responses of E to log as TensorBoard text.
         jsonl: write every probe to ``entropy_probe.jsonl`` in the logger's directory.
@@ -101,6 +104,7 @@ class EntropyProbe(Callback):
         precision: Literal["auto", "float64", "float32", "model"] = "auto",
         defensive: float = DEFAULT_DEFENSIVE,
         control_variates: bool = True,
+        decode: DecodeOptions = DecodeOptions(),
         on_error: Literal["warn", "raise"] = "warn",
         log_samples: int = 4,
         jsonl: bool = True,
@@ -113,7 +117,7 @@ class EntropyProbe(Callback):
             sampling=sampling, every_n_steps=every_n_steps, responses_per_prompt=responses_per_prompt,
             order=order, scales=tuple(scales), normalize=normalize, estimator=estimator,
             microbatch_size=microbatch_size, seed=seed, snapshot_device=snapshot_device, precision=precision,
-            defensive=defensive, control_variates=control_variates)
+            defensive=defensive, control_variates=control_variates, decode=decode)
         if on_error not in ("warn", "raise"):
             raise ValueError(f"on_error must be 'warn' or 'raise', got {on_error!r}")
         if log_samples < 0:

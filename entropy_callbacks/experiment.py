@@ -21,7 +21,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal, Union
+from typing import Callable, Literal, Optional, Union
 
 import torch
 
@@ -31,9 +31,9 @@ from .model_guard import preserved_rng
 from .policy import resolve_policy, sampling_mismatch, special_tokens
 from .reporting import SMALL_G, small_g_message
 from .prompts import load_prompts, tokenize_prompts
-from .sampling import SamplingConfig, sample_batch
+from .sampling import DecodeOptions, ProbeBatch, SamplingConfig, sample_batch
 from .step import snapshot, step_delta, step_norm
-from .step_probe import DEFAULT_DEFENSIVE, ProbeOptions
+from .step_probe import DEFAULT_DEFENSIVE, ProbeOptions, check_sampled
 
 
 @dataclass
@@ -49,8 +49,9 @@ class ProbeExperiment:
         trials: number of one-step trials (K).
         scales: step scales of the sweep.
         responses_per_prompt: R.
-        order, normalize, estimator, microbatch_size, precision, defensive, control_variates: as
-            for EntropyProbe.
+        order, normalize, estimator, microbatch_size, precision, defensive, control_variates, decode,
+            sampler: as for EntropyProbe (``sampler`` draws E from your own rollout engine, e.g.
+            ``entropy_callbacks.hf_sampler.HFGenerateSampler``).
         lr: the learning rate of every trial's step (None: the optimizer's, as checkpointed).
             Probing one state at lr 1e-6…1e-4 shows what a realistic step does to entropy.
         seed: E and the trials' update batches derive from it.
@@ -70,6 +71,8 @@ class ProbeExperiment:
     precision: Literal["auto", "float64", "float32", "model"] = "auto"
     defensive: float = DEFAULT_DEFENSIVE
     control_variates: bool = True
+    decode: DecodeOptions = field(default_factory=DecodeOptions)
+    sampler: Optional[Callable[..., ProbeBatch]] = None
     lr: float | None = None
     seed: int = 0
     output_root: str = "runs/probe"
@@ -83,7 +86,10 @@ class ProbeExperiment:
         ProbeOptions(sampling=self.sampling, responses_per_prompt=self.responses_per_prompt, order=self.order,
                      scales=tuple(self.scales), normalize=self.normalize, estimator=self.estimator,
                      microbatch_size=self.microbatch_size, seed=self.seed, precision=self.precision,
-                     defensive=self.defensive, control_variates=self.control_variates)
+                     defensive=self.defensive, control_variates=self.control_variates, decode=self.decode)
+        if self.sampler is not None and not callable(self.sampler):
+            raise ValueError(f"experiment.sampler must be callable (model, prompts, config, *, responses_per_prompt, "
+                             f"seed) -> ProbeBatch, got {type(self.sampler).__name__}")
 
 
 def trial_seed(seed: int, trial: int) -> int:
@@ -309,10 +315,16 @@ def run_experiment(module, experiment: ProbeExperiment, ckpt_path: str | None = 
     module_state = copy.deepcopy(module.state_dict())
     optimizer_state = copy.deepcopy(optimizer.state_dict())
     with preserved_rng():
-        batch_e = sample_batch(policy, prompt_ids, experiment.sampling, eos_token_id=eos, pad_token_id=pad,
-                               responses_per_prompt=experiment.responses_per_prompt,
-                               seed=trial_seed(experiment.seed, -1), batch_size=experiment.microbatch_size,
-                               defensive=experiment.defensive)
+        seed = trial_seed(experiment.seed, -1)
+        if experiment.sampler is None:
+            batch_e = sample_batch(policy, prompt_ids, experiment.sampling, eos_token_id=eos, pad_token_id=pad,
+                                   responses_per_prompt=experiment.responses_per_prompt, seed=seed,
+                                   batch_size=experiment.microbatch_size, defensive=experiment.defensive,
+                                   decode=experiment.decode)
+        else:
+            batch_e = check_sampled(experiment.sampler(policy, prompt_ids, experiment.sampling,
+                                                       responses_per_prompt=experiment.responses_per_prompt, seed=seed),
+                                    experiment.sampling, len(prompt_ids), experiment.responses_per_prompt)
     plan = {"ckpt_path": ckpt_path, "trials": experiment.trials, "scales": list(experiment.scales),
             "trial_seeds": [trial_seed(experiment.seed, k) for k in range(experiment.trials)],
             "num_prompts": len(prompt_ids), "responses_per_prompt": experiment.responses_per_prompt,

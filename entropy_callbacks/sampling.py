@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import hashlib
 import math
+import weakref
 from dataclasses import dataclass, field, replace
-from typing import Iterator, Sequence
+from typing import Iterator, Literal, Sequence
 
 import torch
 from torch import Tensor
 
 from .distribution import sampling_log_probs
-from .model_guard import cache_kwargs, forward_kwargs, probe_mode, returned_cache
+from .model_guard import cache_kwargs, forward_kwargs, hf_model, probe_mode, returned_cache
 
 
 def _not_int(value) -> bool:
@@ -338,10 +339,59 @@ def defensive_log_probs(logits: Tensor, log_q: Tensor, config: SamplingConfig, d
     return torch.logaddexp(log_q + math.log1p(-defensive), full + math.log(defensive))
 
 
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How ``sample_batch`` runs the model's decoding steps (the draws do not depend on it).
+
+    cache: "dynamic" (the model's default KV cache, grown every step) or "static" (preallocated
+        for prompt + max_new_tokens, fixed shapes from step to step).
+    compile: ``torch.compile`` the model's forward for decoding (needs cache="static", so that
+        the shapes stay fixed; on CUDA in "reduce-overhead" mode, i.e. CUDA graphs, which removes
+        the per-kernel launch cost that dominates decoding a small batch). Compiled once per
+        model and process.
+    """
+
+    cache: Literal["dynamic", "static"] = "dynamic"
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        if self.cache not in ("dynamic", "static"):
+            raise ValueError(f"decode.cache must be 'dynamic' or 'static', got {self.cache!r}")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"decode.compile must be True or False, got {self.compile!r}")
+        if self.compile and self.cache != "static":
+            raise ValueError("decode.compile needs decode.cache='static': a dynamic cache changes shape every step, "
+                             "and each new shape would be compiled again")
+
+
+_COMPILED: "weakref.WeakKeyDictionary[torch.nn.Module, object]" = weakref.WeakKeyDictionary()
+
+
+def compile_options(device: torch.device) -> dict:
+    return {"mode": "reduce-overhead"} if device.type == "cuda" else {}
+
+
+def _decoder(model: torch.nn.Module, options: DecodeOptions, device: torch.device):
+    """The callable that runs one decoding forward."""
+    if not options.compile:
+        return model
+    if model not in _COMPILED:
+        _COMPILED[model] = torch.compile(model, dynamic=False, **compile_options(device))
+    return _COMPILED[model]
+
+
+def _new_cache(model: torch.nn.Module, options: DecodeOptions, length: int):
+    if options.cache == "dynamic":
+        return None  # the model makes its own on the first step
+    from transformers import StaticCache
+
+    return StaticCache(config=hf_model(model).config.get_text_config(decoder=True), max_cache_len=length)
+
+
 @torch.no_grad()
 def _decode(model, rows: list[tuple[list[int], int, int]], width: int, config: SamplingConfig,
             eos: Tensor, pad_token_id: int, seed: int, device: torch.device,
-            defensive: float = 0.0) -> tuple[Tensor, Tensor, Tensor | None]:
+            defensive: float = 0.0, options: DecodeOptions = DecodeOptions()) -> tuple[Tensor, Tensor, Tensor | None]:
     """Sample responses for ``rows`` = [(prompt ids, prompt index, response index)].
 
     Returns (tokens [n, steps], log q of each sampled token [n, steps], and with ``defensive`` > 0
@@ -359,12 +409,15 @@ def _decode(model, rows: list[tuple[list[int], int, int]], width: int, config: S
     log_probs = proposal = None  # in the dtype of the sampling log-probabilities (float64 for a float64 model)
     finished = torch.zeros(n, dtype=torch.bool, device=device)
     check_every = eos_check_interval(device)
-    cache, step_input, done = None, ids, 0
+    cache, step_input, done = _new_cache(model, options, width + steps), ids, 0
+    forward = _decoder(model, options, device)
     for t in range(steps):
         end = width + t
-        kwargs = forward_kwargs(model, step_input, mask[:, :end], positions[:, end - step_input.shape[1]:end],
-                                keep_last=1)
-        out = model(**kwargs, **cache_kwargs(model, cache), use_cache=True)
+        # A static cache masks the slots not yet written by position, so it takes the whole
+        # preallocated mask: one shape for every decoding step (compiled once).
+        visible = mask if options.cache == "static" else mask[:, :end]
+        kwargs = forward_kwargs(model, step_input, visible, positions[:, end - step_input.shape[1]:end], keep_last=1)
+        out = forward(**kwargs, **cache_kwargs(model, cache), use_cache=True)
         cache = returned_cache(out)
         logq, _ = sampling_log_probs(out.logits[:, -1], config)
         logp = defensive_log_probs(out.logits[:, -1], logq, config, defensive) if defensive > 0 else logq
@@ -388,8 +441,12 @@ def _decode(model, rows: list[tuple[list[int], int, int]], width: int, config: S
 def sample_batch(model, prompts: Sequence[Sequence[int]], config: SamplingConfig, *,
                  eos_token_id: int | Sequence[int], pad_token_id: int, responses_per_prompt: int = 1,
                  seed: int = 0, batch_size: int | None = None,
-                 prompt_indices: Sequence[int] | None = None, defensive: float = 0.0) -> ProbeBatch:
+                 prompt_indices: Sequence[int] | None = None, defensive: float = 0.0,
+                 decode: DecodeOptions | None = None) -> ProbeBatch:
     """Sample E: ``responses_per_prompt`` responses for each prompt from the model as it is.
+
+    ``decode``: KV cache and compilation of the decoding steps (``DecodeOptions``); the tokens
+    drawn are the same either way, up to the rounding of a kernel on a float32 near-tie.
 
     ``defensive`` = ε > 0 with top-k/top-p draws from (1 − ε)·q_θ₀ + ε·(q_θ₀ untruncated) per
     token and records that proposal (``proposal_log_probs``), so that a measured ΔH sees tokens a
@@ -420,7 +477,7 @@ def sample_batch(model, prompts: Sequence[Sequence[int]], config: SamplingConfig
     with probe_mode(model):
         for start in range(0, len(rows), size):
             chunks.append(_decode(model, rows[start:start + size], width, config, eos, pad_token_id, seed, device,
-                                  defensive))
+                                  defensive, decode or DecodeOptions()))
     steps = max(t.shape[1] for t, _, _ in chunks)
     pad = lambda t, v: torch.nn.functional.pad(t, (0, steps - t.shape[1]), value=v)  # noqa: E731
     tokens = torch.cat([pad(t, pad_token_id) for t, _, _ in chunks])

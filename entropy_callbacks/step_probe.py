@@ -22,7 +22,7 @@ from .engine import (check_flag, check_options, check_order, concat_terms, measu
                      summarize_measurement, summarize_prediction, taylor_gap)
 from .params import check_scales
 from .precision import Precision, check_precision, resolve_precision
-from .sampling import ProbeBatch, SamplingConfig, check_defensive, sample_batch
+from .sampling import DecodeOptions, ProbeBatch, SamplingConfig, check_defensive, sample_batch
 from .step import is_skipped, snapshot, step_delta, step_norm
 
 # With top-k/top-p, E is drawn from 0.9·q_θ₀ + 0.1·(q_θ₀ untruncated) and weighted back, so a
@@ -79,6 +79,7 @@ class ProbeOptions:
     precision: Precision = "auto"
     defensive: float = DEFAULT_DEFENSIVE
     control_variates: bool = True
+    decode: DecodeOptions = DecodeOptions()
 
     def __post_init__(self) -> None:
         if not isinstance(self.sampling, SamplingConfig):
@@ -97,6 +98,8 @@ class ProbeOptions:
         check_precision(self.precision)
         check_defensive(self.defensive)
         check_flag("control_variates", self.control_variates)
+        if not isinstance(self.decode, DecodeOptions):
+            raise ValueError(f"decode must be a DecodeOptions, got {type(self.decode).__name__}")
 
 
 @dataclass
@@ -252,7 +255,7 @@ class StepProbe:
             batch = sample_batch(model, self.prompts, o.sampling, eos_token_id=self.eos_token_id,
                                  pad_token_id=self.pad_token_id, responses_per_prompt=o.responses_per_prompt,
                                  seed=step_seed(o.seed, step), batch_size=o.microbatch_size,
-                                 prompt_indices=self.prompt_indices, defensive=o.defensive)
+                                 prompt_indices=self.prompt_indices, defensive=o.defensive, decode=o.decode)
         else:
             batch = check_sampled(self.sampler(model, self.prompts, o.sampling, responses_per_prompt=o.responses_per_prompt,
                                                seed=step_seed(o.seed, step)),

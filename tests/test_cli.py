@@ -372,3 +372,24 @@ def test_hf_lora_example_with_a_local_model(hf_model_dir, tmp_path, monkeypatch)
     for trial in trials:
         assert math.isfinite(trial["linear"]) and math.isfinite(trial["curvature"])
         assert all(math.isfinite(row["measured"]) for row in trial["per_scale"])
+
+
+def test_probe_with_an_own_sampler_and_a_static_cache(fit_run, tmp_path):
+    """`probe` takes the callback's sampler (by class_path) and decode options: with HF generate
+    as the rollout engine E carries its proposal (ESS at θ₀ from the weights q_θ₀/p), and the
+    built-in sampler with a static cache draws the same E as with a dynamic one."""
+    log_dir, _ = fit_run
+    ckpt = ["--ckpt_path", str(log_dir / "checkpoints" / "last.ckpt"), "--experiment.trials", "1",
+            "--experiment.scales", "[1.0]"]
+    sampler = '{"class_path": "entropy_callbacks.hf_sampler.HFGenerateSampler"}'
+    _run(_probe_args(tmp_path / "own", *ckpt, "--experiment.sampler", sampler))
+    own = json.loads((_only_child(tmp_path / "own") / "results.json").read_text())
+    assert "HFGenerateSampler" in json.dumps(json.loads((_only_child(tmp_path / "own") / "plan.json").read_text()))
+    assert math.isfinite(own["trials"][0]["per_scale"][0]["measured"])
+
+    results = {}
+    for cache in ("dynamic", "static"):
+        _run(_probe_args(tmp_path / cache, *ckpt, "--experiment.decode.cache", cache))
+        results[cache] = json.loads((_only_child(tmp_path / cache) / "results.json").read_text())["trials"][0]
+    assert results["static"]["entropy_before"] == pytest.approx(results["dynamic"]["entropy_before"], abs=1e-12)
+    assert own["trials"][0]["entropy_before"] != results["dynamic"]["entropy_before"]  # another E

@@ -13,7 +13,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import TopKLogitsWarper, TopPLogitsWarper
 
 from entropy_callbacks import ProbeBatch, SamplingConfig, sample_batch
-from entropy_callbacks.sampling import _signed, counter_uniforms, row_seed
+from entropy_callbacks import sampling as sampling_module
+from entropy_callbacks.sampling import DecodeOptions, _signed, counter_uniforms, row_seed
 from tiny_models import ARCHITECTURES, EOS, PAD, add_lora, tiny_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -283,3 +284,34 @@ def test_prompts_are_left_padded_to_one_width(models):
         assert not batch.response_mask[i, :width].any()
         assert batch.response_mask[i, width]  # the first response token always counts
     assert batch.input_ids.dtype == torch.long
+
+
+# --- (e) decoding options: a static KV cache and a compiled step draw the same E -----------------
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_static_cache_and_compiled_step_draw_the_same_batch(models, arch, monkeypatch):
+    """DecodeOptions change how the forward runs, not what is drawn: same tokens, log-probs to
+    float32 rounding (the static cache attends over its full preallocated length). The compiled
+    step is traced by dynamo with the eager backend here (what CI can run in seconds); on CUDA
+    it compiles with inductor in "reduce-overhead" mode."""
+    model = models[arch]
+    dynamic = draw(model, seed=21)
+    static = draw(model, seed=21, decode=DecodeOptions(cache="static"))
+    monkeypatch.setattr(sampling_module, "compile_options", lambda device: {"backend": "eager"})
+    monkeypatch.setattr(sampling_module, "_COMPILED", sampling_module.weakref.WeakKeyDictionary())
+    compiled = draw(model, seed=21, decode=DecodeOptions(cache="static", compile=True))
+    assert model in sampling_module._COMPILED  # the compiled forward really ran
+    for other in (static, compiled):
+        for name in ("input_ids", "attention_mask", "response_mask"):
+            assert torch.equal(getattr(other, name), getattr(dynamic, name)), name
+        torch.testing.assert_close(other.sampler_log_probs, dynamic.sampler_log_probs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(cache="paged"), "decode.cache must be 'dynamic' or 'static'"),
+    (dict(compile=True), "decode.compile needs decode.cache='static'"),
+    (dict(cache="static", compile="yes"), "decode.compile must be True or False"),
+])
+def test_bad_decode_options(options, message):
+    with pytest.raises(ValueError, match=message):
+        DecodeOptions(**options)
