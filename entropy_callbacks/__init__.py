@@ -1,13 +1,14 @@
 """entropy-callbacks: predict (JVP) and measure (SNIS) the policy-entropy change of RL steps."""
 
+from .attribution import attribute_delta_h
 from .engine import entropy_estimate, measure_delta_h, predict_delta_h
-from .results import Estimate, Measurement, Prediction
+from .results import Attribution, Estimate, Measurement, Prediction
 from .sampling import DecodeOptions, ProbeBatch, SamplingConfig, sample_batch
 
 __all__ = [
     "SamplingConfig", "ProbeBatch", "sample_batch", "DecodeOptions",
-    "entropy_estimate", "predict_delta_h", "measure_delta_h",
-    "Estimate", "Prediction", "Measurement",
+    "entropy_estimate", "predict_delta_h", "measure_delta_h", "attribute_delta_h",
+    "Estimate", "Prediction", "Measurement", "Attribution",
     "EntropyProbe",
 ]
 __version__ = "0.1.0"

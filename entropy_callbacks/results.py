@@ -68,3 +68,18 @@ class Measurement:
     # token outside θ₀'s top-k/top-p support and E came from q_θ₀ itself, which cannot see
     # there: that delta is biased and should not be used (a proposal, e.g. defensive, can see).
     usable: list[bool] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """The linear prediction g′(0) along a real step, split among the samples of the update batch
+    (``attribute_delta_h``): linear = Σ per_sample + momentum + weight_decay + residual."""
+
+    per_sample: Tensor | None = field(repr=False)  # a_u [n_u]; None when the optimizer has no split
+    momentum: float  # from the optimizer's carried-over state (m_{t−1}, the momentum buffer)
+    weight_decay: float
+    residual: float  # what the per-sample losses (or the optimizer model) do not reproduce
+    linear: float  # ⟨∇Ĥ, Δθ⟩ = g′(0) along the step
+    entropy: float  # Ĥ(θ₀) on E, as the gradient pass computed it
+    clip_factor: float  # c in g = c·Σ_u ∇L_u
+    note: str = ""
