@@ -135,11 +135,20 @@ def attribute_delta_h(model, batch: ProbeBatch, base: Mapping[str, Tensor], opti
                     for n, g in zip(moved, full)}
             clip_factor = _dot(split.gradient, full) / _dot(full, full)
         with torch.no_grad():
-            tangents = {n: direction[n].to(primals[n].dtype) for n in moved}
-            _, per_sample_jvp = jvp(lambda p: update_losses(p), (primals,), (tangents,))
-    per_sample = clip_factor * per_sample_jvp.detach().double().cpu()
+            per_sample = clip_factor * _per_sample_jvp(update_losses, primals, direction)
+            jacobian = None
+            if split.jacobian_gain is not None:  # Adam: the influence through v_t as well
+                jacobian = clip_factor * _per_sample_jvp(
+                    update_losses, primals, {n: split.jacobian_gain[n] * gradient[n] for n in moved})
     momentum = _dot(gradient, split.momentum)
     weight_decay = _dot(gradient, split.weight_decay)
     residual = linear - float(per_sample.sum()) - momentum - weight_decay
     return Attribution(per_sample=per_sample, momentum=momentum, weight_decay=weight_decay, residual=residual,
-                       linear=linear, entropy=entropy, clip_factor=float(clip_factor))
+                       linear=linear, entropy=entropy, clip_factor=float(clip_factor), per_sample_jacobian=jacobian)
+
+
+def _per_sample_jvp(update_losses: UpdateLosses, primals: dict[str, Tensor], direction: dict[str, Tensor]) -> Tensor:
+    """⟨direction, ∇L_u⟩ for every u: the JVP of the per-sample losses at θ₀ (float64, CPU)."""
+    tangents = {n: direction[n].to(primals[n].dtype) for n in primals}
+    _, out = jvp(lambda p: update_losses(p), (primals,), (tangents,))
+    return out.detach().double().cpu()

@@ -17,6 +17,13 @@ Read back from the state the optimizer left, for torch's semantics:
   first step, where torch starts the buffer at d), Δθ = −lr b_t, or −lr (d + μ b_t) with Nesterov.
   So γ = −lr k (−lr (1 + μk) with Nesterov) and momentum = −lr (b_t − k d) (times μ with Nesterov).
 
+Holding v_t fixed is exact for SGD, whose step is affine in g, but not for Adam, whose v_t
+depends on g too. ``jacobian_gain`` is Adam's exact elementwise ∂Δθ/∂g at the applied gradient,
+
+    J = −(lr / bc1) [ (1−β1) P − m_t P² (1−β2) g' / (bc2 √(v_t / bc2)) ],
+
+the first-order effect of a change in g through both moments (None for SGD, where J = γ).
+
 Other optimizers have no such split here (``split_step`` returns None).
 """
 
@@ -38,6 +45,7 @@ class StepSplit:
     gradient: dict[str, Tensor]
     momentum: dict[str, Tensor]
     weight_decay: dict[str, Tensor]
+    jacobian_gain: dict[str, Tensor] | None = None  # Adam: ∂Δθ/∂g with v_t's dependence on g
 
 
 def _f64(x: Tensor) -> Tensor:
@@ -49,12 +57,17 @@ def _adam(group: dict, state: dict, grad: Tensor, origin: Tensor, decoupled: boo
     lr, eps, decay = float(group["lr"]), float(group["eps"]), float(group["weight_decay"])
     t = float(state["step"])
     bc1, bc2 = 1 - beta1 ** t, 1 - beta2 ** t
-    precondition = 1.0 / (_f64(state["exp_avg_sq"]).sqrt() / bc2 ** 0.5 + eps)
+    root = _f64(state["exp_avg_sq"]).sqrt() / bc2 ** 0.5
+    precondition = 1.0 / (root + eps)
     applied = grad if decoupled else grad + decay * origin
     gain = -lr * (1 - beta1) * precondition / bc1
-    momentum = -lr * precondition * (_f64(state["exp_avg"]) - (1 - beta1) * applied) / bc1
+    first_moment = _f64(state["exp_avg"])
+    momentum = -lr * precondition * (first_moment - (1 - beta1) * applied) / bc1
     weight_decay = -lr * decay * origin if decoupled else gain * decay * origin
-    return gain, momentum, weight_decay
+    # d√(v/bc2)/dg' = (1−β2) g' / (bc2 √(v/bc2)); 0 where v = 0 (then g' = 0 too)
+    through_v = torch.where(root > 0, (1 - beta2) * applied / (bc2 * root), 0.0)
+    jacobian = gain + lr * first_moment * precondition.square() * through_v / bc1
+    return gain, momentum, weight_decay, jacobian
 
 
 def _sgd(group: dict, state: dict, grad: Tensor, origin: Tensor):
@@ -71,7 +84,7 @@ def _sgd(group: dict, state: dict, grad: Tensor, origin: Tensor):
             gain, momentum = torch.tensor(-lr * (1 + mu * k), dtype=torch.float64), -lr * mu * carried
         else:
             gain, momentum = torch.tensor(-lr * k, dtype=torch.float64), -lr * carried
-    return gain, momentum, gain * decay * origin
+    return gain, momentum, gain * decay * origin, None
 
 
 def split_step(optimizer: torch.optim.Optimizer, names: Mapping[int, str],
@@ -81,7 +94,7 @@ def split_step(optimizer: torch.optim.Optimizer, names: Mapping[int, str],
     kind = type(optimizer)
     if not issubclass(kind, (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)):
         return None
-    split = StepSplit({}, {}, {}, {})
+    split = StepSplit({}, {}, {}, {}, {} if not issubclass(kind, torch.optim.SGD) else None)
     for group in optimizer.param_groups:
         if group.get("maximize") or group.get("amsgrad"):
             return None
@@ -95,6 +108,8 @@ def split_step(optimizer: torch.optim.Optimizer, names: Mapping[int, str],
             else:
                 decoupled = isinstance(optimizer, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay"))
                 parts = _adam(group, state, grad, origin, decoupled)
-            split.gain[name], split.momentum[name], split.weight_decay[name] = parts
+            split.gain[name], split.momentum[name], split.weight_decay[name], jacobian = parts
             split.gradient[name] = grad
+            if split.jacobian_gain is not None:
+                split.jacobian_gain[name] = jacobian
     return split

@@ -83,3 +83,5 @@ class Attribution:
     entropy: float  # Ĥ(θ₀) on E, as the gradient pass computed it
     clip_factor: float  # c in g = c·Σ_u ∇L_u
     note: str = ""
+    # Adam: c·⟨J ⊙ ∇Ĥ, ∇L_u⟩ with J the exact ∂Δθ/∂g, v_t's dependence on g included (not additive)
+    per_sample_jacobian: Tensor | None = field(default=None, repr=False)

@@ -179,3 +179,33 @@ def test_bad_input(tmp_path, kwargs, message):
     arguments = dict(update_losses=losses) | kwargs
     with pytest.raises(ValueError, match=message):
         attribute_delta_h(model, batch_e, base, optimizer, arguments.pop("update_losses"), **arguments)
+
+
+def test_adam_jacobian_influence_is_the_derivative_of_the_step(tmp_path):
+    """For Adam, v_t depends on g as well: per_sample_jacobian[u] is the derivative of the linear
+    prediction with respect to sample u's weight in the objective (central difference of retaken
+    steps with weights 1 ± h), which per_sample — v_t held fixed — is not."""
+    model, batch_e, rollouts, advantages = setting(tmp_path, seed=6)
+    losses = per_sample_losses(model, rollouts, advantages)
+    make = lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.1)  # noqa: E731
+    optimizer = make(model)
+    warm_up(model, optimizer, losses, steps=1)  # bc2 small: far from linear in g
+    before_model, before_state = copy.deepcopy(model), copy.deepcopy(optimizer.state_dict())
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    take_step(model, optimizer, losses)
+    result = check_split(model, batch_e, base, optimizer, losses)
+    h = 1e-4
+    for u in (1, 7):
+        linears = []
+        for sign in (1.0, -1.0):
+            again = copy.deepcopy(before_model)
+            optimizer_again = make(again)
+            optimizer_again.load_state_dict(copy.deepcopy(before_state))
+            weights = torch.ones(len(rollouts), dtype=torch.float64)
+            weights[u] += sign * h
+            take_step(again, optimizer_again, per_sample_losses(again, rollouts, advantages * weights))
+            delta = {n: p.detach() - base[n] for n, p in again.named_parameters()}
+            linears.append(predict_delta_h(model, batch_e, base, delta, order=1, control_variates=False).linear)
+        derivative = (linears[0] - linears[1]) / (2 * h)
+        assert float(result.per_sample_jacobian[u]) == pytest.approx(derivative, rel=1e-5)
+        assert abs(float(result.per_sample[u]) - derivative) > 1e-3 * abs(derivative)  # v_t's share is real
