@@ -25,7 +25,11 @@ from typing import Callable, Literal, Optional, Union
 
 import torch
 
-from .engine import measurement_terms, prediction_terms, summarize_measurement, summarize_prediction
+from .attribution import attribute_delta_h
+from .engine import (measure_delta_h, measurement_terms, predict_delta_h, prediction_terms, summarize_measurement,
+                     summarize_prediction)
+from .rollout_attribution import (attribution_record, chosen_for_leave_one_out, fit_line, module_update_losses,
+                                  supports_attribution)
 from .precision import resolve_precision
 from .model_guard import preserved_rng
 from .policy import resolve_policy, sampling_mismatch, special_tokens
@@ -52,6 +56,11 @@ class ProbeExperiment:
         order, normalize, estimator, microbatch_size, precision, defensive, control_variates, decode,
             sampler: as for EntropyProbe (``sampler`` draws E from your own rollout engine, e.g.
             ``entropy_callbacks.hf_sampler.HFGenerateSampler``).
+        attribution: when the module defines ``entropy_probe_losses(U)`` (per-rollout losses
+            summing to its loss), split each trial's linear prediction among U's rollouts
+            (docs/method.md §6) and keep the ``attribution_top_k`` largest with their text.
+        leave_one_out: in trial 0, retake the step without this many rollouts and compare the
+            effect with a_u (Pearson r and slope in results.json); 0: off.
         lr: the learning rate of every trial's step (None: the optimizer's, as checkpointed).
             Probing one state at lr 1e-6…1e-4 shows what a realistic step does to entropy.
         seed: E and the trials' update batches derive from it.
@@ -73,6 +82,9 @@ class ProbeExperiment:
     control_variates: bool = True
     decode: DecodeOptions = field(default_factory=DecodeOptions)
     sampler: Optional[Callable[..., ProbeBatch]] = None
+    attribution: bool = True
+    attribution_top_k: int = 5
+    leave_one_out: int = 8
     lr: float | None = None
     seed: int = 0
     output_root: str = "runs/probe"
@@ -80,6 +92,12 @@ class ProbeExperiment:
     def __post_init__(self) -> None:
         if self.trials < 1:
             raise ValueError(f"experiment.trials must be >= 1, got {self.trials}")
+        for name in ("attribution_top_k", "leave_one_out"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"experiment.{name} must be an integer >= 0, got {value!r}")
+        if self.leave_one_out == 1:
+            raise ValueError("experiment.leave_one_out must be 0 (off) or >= 2: a correlation needs two rollouts")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"experiment.lr must be a positive number or null, got {self.lr!r}")
         # Reuse the callback's validation of the shared options.
@@ -129,17 +147,30 @@ def _relative_error(predicted: float | None, measured: float) -> float:
     return abs(predicted - measured) / abs(measured)
 
 
-def run_trial(module, policy, optimizer, batch_e, experiment: ProbeExperiment, trial: int) -> dict:
-    """One trial: one optimizer step on a fresh U, then predict and measure ΔH on E."""
-    seed = trial_seed(experiment.seed, trial)
-    before = snapshot(policy)
+def _take_step(module, optimizer, update, seed: int, without: int | None = None):
+    """One optimizer step on U (without rollout ``without``: its per-rollout loss left out)."""
     torch.manual_seed(seed)  # dropout in the update pass is part of the trial's randomness
     module.train()
     optimizer.zero_grad(set_to_none=True)
-    update = module.update_batch(seed)
-    loss, stats = module.policy_loss(update)
+    if without is None:
+        loss, stats = module.policy_loss(update)
+    else:
+        losses = module.entropy_probe_losses(update)
+        keep = torch.ones_like(losses)
+        keep[without] = 0.0
+        loss, stats = (losses * keep).sum(), {}
     loss.backward()
     optimizer.step()
+    return loss, stats
+
+
+def run_trial(module, policy, optimizer, batch_e, experiment: ProbeExperiment, trial: int) -> dict:
+    """One trial: one optimizer step on a fresh U, then predict and measure ΔH on E, and (when
+    the module defines ``entropy_probe_losses``) attribute the prediction to U's rollouts."""
+    seed = trial_seed(experiment.seed, trial)
+    before = snapshot(policy)
+    update = module.update_batch(seed)
+    loss, stats = _take_step(module, optimizer, update, seed)
     delta = step_delta(policy, before)
     kwargs = dict(estimator=experiment.estimator, microbatch_size=experiment.microbatch_size,
                   precision=resolve_precision(experiment.precision, policy))
@@ -164,6 +195,13 @@ def run_trial(module, policy, optimizer, batch_e, experiment: ProbeExperiment, t
             "measured_usable": measurement.usable[k],
         })
     slope, r2 = log_log_fit(list(measurement.scales), measurement.delta)
+    attribution = None
+    if experiment.attribution and supports_attribution(module):
+        # Right after the step: the optimizer's .grad and state are the ones it applied.
+        found = attribute_delta_h(policy, batch_e, before, optimizer, module_update_losses(module, policy, update),
+                                  normalize=experiment.normalize, estimator=experiment.estimator,
+                                  microbatch_size=experiment.microbatch_size, precision=experiment.precision)
+        attribution = attribution_record(found, update, _decoder(module), experiment.attribution_top_k)
     return {
         "trial": trial, "seed": seed, "loss": float(loss.detach()),
         "reward": float(stats.get("reward", math.nan)),
@@ -171,8 +209,54 @@ def run_trial(module, policy, optimizer, batch_e, experiment: ProbeExperiment, t
         "entropy_before_se": measurement.entropy_before_se, "linear": prediction.linear,
         "linear_se": prediction.linear_se, "curvature": prediction.curvature,
         "control_variates": measurement.control_variates,
-        "loglog_slope": slope, "loglog_r2": r2, "per_scale": per_scale,
+        "loglog_slope": slope, "loglog_r2": r2, "per_scale": per_scale, "attribution": attribution,
     }
+
+
+def _decoder(module):
+    tokenizer = getattr(module, "tokenizer", None)
+    if tokenizer is None:
+        return lambda ids: " ".join(map(str, ids))
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def leave_one_out(module, policy, optimizer, batch_e, experiment: ProbeExperiment, record: dict, restore) -> dict:
+    """Retake trial ``record``'s step without each of ``experiment.leave_one_out`` rollouts (spread
+    over the ranks of a_u) and compare the change of the linear prediction and of the measured ΔH
+    (no control variates: both sides on the same footing) with a_u and, for Adam, with the
+    exact-Jacobian influence. Ends with the module and optimizer restored."""
+    a = record["attribution"]["per_rollout"]["a"]
+    jacobian = record["attribution"]["per_rollout"].get("a_jacobian")
+    kwargs = dict(normalize=experiment.normalize, estimator=experiment.estimator,
+                  microbatch_size=experiment.microbatch_size, precision=experiment.precision)
+
+    def step(without: int | None) -> tuple[float, float]:
+        restore()
+        before = snapshot(policy)
+        _take_step(module, optimizer, module.update_batch(record["seed"]), record["seed"], without)
+        delta = step_delta(policy, before)
+        linear = predict_delta_h(policy, batch_e, before, delta, order=1, control_variates=False, **kwargs).linear
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the full trial has warned already
+            measured = measure_delta_h(policy, batch_e, before, delta, **kwargs).delta[0]
+        return linear, measured
+
+    try:
+        full = step(None)
+        chosen = chosen_for_leave_one_out(a, experiment.leave_one_out)
+        effects = [tuple(f - w for f, w in zip(full, step(u))) for u in chosen]
+    finally:
+        restore()
+    out = {"rollouts": chosen, "a": [a[u] for u in chosen],
+           "linear_effect": [e[0] for e in effects], "measured_effect": [e[1] for e in effects]}
+    fits = {"a_vs_linear_effect": fit_line(out["a"], out["linear_effect"]),
+            "a_vs_measured_effect": fit_line(out["a"], out["measured_effect"])}
+    if jacobian is not None:
+        out["a_jacobian"] = [jacobian[u] for u in chosen]
+        fits["a_jacobian_vs_linear_effect"] = fit_line(out["a_jacobian"], out["linear_effect"])
+        fits["a_jacobian_vs_measured_effect"] = fit_line(out["a_jacobian"], out["measured_effect"])
+    out["fits"] = fits
+    return out
 
 
 def _mean_se(values: list[float]) -> tuple[float, float]:
@@ -350,6 +434,15 @@ def run_experiment(module, experiment: ProbeExperiment, ckpt_path: str | None = 
                 if row["quadratic"] is not None:
                     writer.add_scalar(f"probe/quadratic@{tag}", row["quadratic"], trial)
     results = {"trials": trials, "aggregate": aggregate(trials, list(experiment.scales))}
+    first = trials[0].get("attribution")
+    if experiment.leave_one_out and first is not None and "per_rollout" in first:
+        def restore():
+            module.load_state_dict(module_state)
+            optimizer.load_state_dict(copy.deepcopy(optimizer_state))
+
+        with preserved_rng():
+            results["leave_one_out"] = leave_one_out(module, policy, optimizer, batch_e, experiment, trials[0],
+                                                     restore)
     _report_by_scale(writer, out, results["aggregate"])
     writer.close()
     (out / "results.json").write_text(_json(results, indent=2))
@@ -413,4 +506,15 @@ def results_table(results: dict) -> str:
                      f"{number(row['quadratic_relative_error'], '>12.3f')} {number(row['ess_fraction'], '>6.3f')}")
     lines.append(f"log|ΔH| vs log s: slope {number(agg['loglog_slope'], '.3f')}, "
                  f"R² {number(agg['loglog_r2'], '.3f')}")
+    check = results.get("leave_one_out")
+    if check is not None:
+        fits = check["fits"]
+        line = (f"attribution vs leave-one-out ({len(check['rollouts'])} rollouts of trial 0): linear effect "
+                f"r {number(fits['a_vs_linear_effect']['pearson_r'], '.3f')}, measured effect r "
+                f"{number(fits['a_vs_measured_effect']['pearson_r'], '.3f')}")
+        if "a_jacobian_vs_linear_effect" in fits:
+            line += (f"; with Adam's v_t (Jacobian): r {number(fits['a_jacobian_vs_linear_effect']['pearson_r'], '.3f')}"
+                     f", slope {number(fits['a_jacobian_vs_linear_effect']['slope'], '.3f')} (v_t fixed: slope "
+                     f"{number(fits['a_vs_linear_effect']['slope'], '.3f')})")
+        lines.append(line)
     return "\n".join(lines)

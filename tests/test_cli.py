@@ -158,6 +158,21 @@ def test_probe_from_the_fit_checkpoint(fit_run, tmp_path):
     for trial in trials:
         assert trial["per_scale"][2]["linear"] == pytest.approx(trial["linear"])  # s = 1 is the real step
         assert 0.5 < trial["loglog_slope"] < 2.5 and 0 <= trial["loglog_r2"] <= 1
+        # attribution to U's 8 x 16 rollouts: the split adds up, and the decoded top rollouts are there
+        split = trial["attribution"]
+        assert len(split["per_rollout"]["a"]) == len(split["per_rollout"]["a_jacobian"]) == 8 * 16
+        assert abs(split["residual"]) <= 1e-4 * abs(split["linear"])  # float32 derivative passes
+        assert split["linear"] == pytest.approx(trial["per_scale"][2]["linear"], rel=0.05)  # controls aside
+        assert len(split["top"]) == 5 and all(isinstance(row["text"], str) for row in split["top"])
+    check = results["leave_one_out"]
+    assert len(check["rollouts"]) == 8 and len(set(check["rollouts"])) == 8
+    fits = check["fits"]
+    print({name: round(fit["pearson_r"], 4) for name, fit in fits.items()})
+    # Both influences track the leave-one-out change of the linear prediction (r 0.999 both,
+    # measured); they differ in slope, which results.json reports
+    assert fits["a_vs_linear_effect"]["pearson_r"] > 0.9
+    assert fits["a_jacobian_vs_linear_effect"]["pearson_r"] > 0.9
+    assert "attribution vs leave-one-out" in printed
     aggregate = results["aggregate"]
     assert aggregate["num_trials"] == 2 and "measured_across_trials_se" in aggregate["per_scale"][0]
     for row in aggregate["per_scale"]:  # relative errors of the mean prediction against the mean measured ΔH

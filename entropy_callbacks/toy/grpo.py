@@ -165,6 +165,16 @@ class GRPOModule(pl.LightningModule):
         return log_q.gather(-1, targets[..., None]).squeeze(-1), token_entropy(log_q, None)
 
     def policy_loss(self, rollouts: Rollouts) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        per_rollout, stats = self._per_rollout_losses(rollouts)
+        return per_rollout.mean(), stats
+
+    def entropy_probe_losses(self, rollouts: Rollouts) -> torch.Tensor:
+        """The per-rollout losses L_u whose sum is ``policy_loss`` (the attribution protocol of
+        ``entropy-callbacks probe``, docs/method.md §6)."""
+        per_rollout, _ = self._per_rollout_losses(rollouts)
+        return per_rollout / len(per_rollout)
+
+    def _per_rollout_losses(self, rollouts: Rollouts) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         batch = rollouts.batch
         mask = batch.response_mask[:, batch.prompt_length:].float()
         log_q, entropy = self._token_log_probs(self.policy, batch)
@@ -179,10 +189,9 @@ class GRPOModule(pl.LightningModule):
             per_token = per_token + self.hparams.kl_coef * (torch.exp(log_ratio) - log_ratio - 1)
         per_token = per_token - self.hparams.entropy_coef * entropy
         lengths = mask.sum(1).clamp(min=1)
-        loss = ((per_token * mask).sum(1) / lengths).mean()
         stats = {"reward": rollouts.rewards.mean(), "entropy": (entropy * mask).sum() / mask.sum(),
                  "response_length": lengths.mean()}
-        return loss, stats
+        return (per_token * mask).sum(1) / lengths, stats
 
     def training_step(self, prompt_indices, batch_idx: int):
         rollouts = self.rollouts(prompt_indices.tolist(), _seed(self.hparams.seed, "rollouts", self.global_step))

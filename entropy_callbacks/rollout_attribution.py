@@ -1,0 +1,81 @@
+"""Attribution of a probed step to its rollouts, for ``entropy-callbacks probe`` (docs/method.md §6).
+
+A module opts in by defining ``entropy_probe_losses(U) -> Tensor[n]``: the per-rollout losses
+of its update batch, summing to the loss it trains on. This file turns those into the
+``update_losses`` of ``attribute_delta_h``, writes the per-rollout record (a_u with reward,
+advantage, length, and the decoded text of the largest |a_u|), and checks the attribution
+against leave-one-out: the step retaken without rollout u.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from .attribution import UpdateLosses
+from .layerwise import parameters_at
+from .results import Attribution
+
+PROTOCOL = "entropy_probe_losses"
+
+
+def supports_attribution(module) -> bool:
+    return callable(getattr(module, PROTOCOL, None))
+
+
+def module_update_losses(module, policy: torch.nn.Module, update) -> UpdateLosses:
+    """``update_losses(params)``: the module's per-rollout losses of ``update`` with the policy's
+    parameters replaced by ``params`` (placed layer by layer, as the probe's own passes)."""
+    def losses(params):
+        with parameters_at(policy, lambda name, p: params.get(name, p)):
+            return getattr(module, PROTOCOL)(update)
+    return losses
+
+
+def _rows(update) -> tuple[list[list[int]], list[float], list[float], list[int]]:
+    batch = update.batch
+    width = batch.prompt_length
+    tokens = [batch.input_ids[i, width:][batch.response_mask[i, width:]].tolist() for i in range(len(batch))]
+    rewards = getattr(update, "rewards", None)
+    advantages = getattr(update, "advantages", None)
+    as_list = lambda t: [math.nan] * len(tokens) if t is None else [float(x) for x in t]  # noqa: E731
+    return tokens, as_list(rewards), as_list(advantages), [len(t) for t in tokens]
+
+
+def attribution_record(attribution: Attribution, update, decode: Callable[[list[int]], str], top_k: int) -> dict:
+    """What results.json keeps of one trial's attribution."""
+    out = {"linear": attribution.linear, "momentum": attribution.momentum,
+           "weight_decay": attribution.weight_decay, "residual": attribution.residual,
+           "clip_factor": attribution.clip_factor, "note": attribution.note}
+    if attribution.per_sample is None:
+        return out
+    tokens, rewards, advantages, lengths = _rows(update)
+    a = attribution.per_sample.tolist()
+    out["per_rollout"] = {"a": a, "reward": rewards, "advantage": advantages, "length": lengths}
+    if attribution.per_sample_jacobian is not None:
+        out["per_rollout"]["a_jacobian"] = attribution.per_sample_jacobian.tolist()
+    order = sorted(range(len(a)), key=lambda u: -abs(a[u]))[:top_k]
+    out["top"] = [{"rollout": u, "a": a[u], "share": a[u] / attribution.linear if attribution.linear else math.nan,
+                   "reward": rewards[u], "advantage": advantages[u], "length": lengths[u],
+                   "text": decode(tokens[u])} for u in order]
+    return out
+
+
+def chosen_for_leave_one_out(a: list[float], count: int) -> list[int]:
+    """``count`` rollouts spread evenly over the ranks of a_u (not only the largest: a
+    correlation over the top few alone would overstate agreement)."""
+    order = sorted(range(len(a)), key=lambda u: a[u])
+    if count >= len(order):
+        return order
+    return [order[round(k * (len(order) - 1) / (count - 1))] for k in range(count)] if count > 1 else [order[-1]]
+
+
+def fit_line(x: list[float], y: list[float]) -> dict:
+    """Pearson r and the least-squares slope of y on x."""
+    tx, ty = torch.tensor(x, dtype=torch.float64), torch.tensor(y, dtype=torch.float64)
+    if len(x) < 2 or float(tx.std()) == 0 or float(ty.std()) == 0:
+        return {"pearson_r": math.nan, "slope": math.nan}
+    xc, yc = tx - tx.mean(), ty - ty.mean()
+    return {"pearson_r": float((xc * yc).sum() / (xc.norm() * yc.norm())), "slope": float((xc * yc).sum() / (xc * xc).sum())}
