@@ -46,8 +46,9 @@ def entropy_gradient(model, batch: ProbeBatch, base: Mapping[str, Tensor], names
     r"""∇Ĥ(θ₀) over the parameters ``names`` (float64, on their devices), and Ĥ(θ₀).
 
     At θ₀ every w_i = b_i, so ∇Ĥ = Σ_i b_i [∇f_i + (f_i − Ĥ c_i) ∇S_i] / Σ_i b_i c_i: the gradient of
-    the surrogate Σ_i b_i [f_i + (f_i − Ĥ c_i)·S_i] / C with the bracket's f_i held fixed. A value
-    pass gives Ĥ and C first; the reverse pass then runs microbatch by microbatch.
+    the surrogate Σ_i b_i [f_i + (f_i − Ĥ c_i)·S_i] / C with the bracket's f_i held fixed. Over
+    several microbatches a value pass gives Ĥ and C first and the reverse pass then runs
+    microbatch by microbatch; in one microbatch the reverse pass's own forward gives them.
     """
     point = StepPoint(base, {}, 0.0, dtype)
     params = dict(model.named_parameters())
@@ -56,11 +57,15 @@ def entropy_gradient(model, batch: ProbeBatch, base: Mapping[str, Tensor], names
     def value_of(name, param):
         return leaves[name] if name in leaves else point(name, param)
 
-    with torch.no_grad(), math_attention(model):
-        parts = [_sums(*_position_terms(model, mb, value_of, estimator, at_origin=True)[:2])
-                 for mb in batch.microbatches(microbatch_size)]
-    log_prob = torch.cat([p[0] for p in parts])
-    integrand = torch.cat([p[1] for p in parts])
+    def terms(mb: ProbeBatch) -> list[Tensor]:
+        return _sums(*_position_terms(model, mb, value_of, estimator, at_origin=True)[:2])
+
+    microbatches = list(batch.microbatches(microbatch_size))
+    single = len(microbatches) == 1  # then the gradient pass's own values give Ĥ: no value pass
+    with torch.set_grad_enabled(single), math_attention(model):
+        parts = [terms(mb) for mb in microbatches]
+    log_prob = torch.cat([p[0] for p in parts]).detach()
+    integrand = torch.cat([p[1] for p in parts]).detach()
     norm = estimators.normaliser(batch.response_lengths, normalize).to(log_prob.device)
     base_weights = estimators.proposal_weights(log_prob, _cpu(batch.proposal_log_probs))
     b = torch.ones_like(log_prob) if base_weights is None else base_weights.to(log_prob.device)
@@ -69,8 +74,8 @@ def entropy_gradient(model, batch: ProbeBatch, base: Mapping[str, Tensor], names
     gradient = {n: torch.zeros_like(leaves[n], dtype=torch.float64) for n in names}
     start = 0
     with torch.enable_grad(), math_attention(model):
-        for mb in batch.microbatches(microbatch_size):
-            s, f = _sums(*_position_terms(model, mb, value_of, estimator, at_origin=True)[:2])
+        for mb in microbatches:
+            s, f = parts[0] if single else terms(mb)
             rows = slice(start, start + len(mb))
             start += len(mb)
             weight = b[rows] / total

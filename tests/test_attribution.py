@@ -124,7 +124,10 @@ def test_gradient_accumulation(tmp_path):
     warm_up(model, optimizer, losses, steps=1)
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
     take_step(model, optimizer, losses, accumulate=2)
-    check_split(model, batch_e, base, optimizer, losses)
+    whole = check_split(model, batch_e, base, optimizer, losses)
+    # E in microbatches (a value pass first, then the reverse pass piece by piece): the same split
+    pieces = check_split(model, batch_e, base, optimizer, losses, microbatch_size=4)
+    torch.testing.assert_close(pieces.per_sample, whole.per_sample, rtol=1e-9, atol=0)
 
 
 @pytest.mark.parametrize("nesterov", [False, True])
