@@ -40,58 +40,74 @@ def _dot(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> float:
     return float(sum((a[n].double() * b[n].double()).sum() for n in a))
 
 
-def entropy_gradient(model, batch: ProbeBatch, base: Mapping[str, Tensor], names: list[str], *,
-                     normalize: str, estimator: str, microbatch_size: int | None,
-                     dtype: torch.dtype | None) -> tuple[dict[str, Tensor], float]:
-    r"""∇Ĥ(θ₀) over the parameters ``names`` (float64, on their devices), and Ĥ(θ₀).
+class GradientsOnE:
+    r"""Reverse-mode passes over E at θ₀, the parameters ``names`` as leaves (float64 results).
 
     At θ₀ every w_i = b_i, so ∇Ĥ = Σ_i b_i [∇f_i + (f_i − Ĥ c_i) ∇S_i] / Σ_i b_i c_i: the gradient of
     the surrogate Σ_i b_i [f_i + (f_i − Ĥ c_i)·S_i] / C with the bracket's f_i held fixed. Over
     several microbatches a value pass gives Ĥ and C first and the reverse pass then runs
     microbatch by microbatch; in one microbatch the reverse pass's own forward gives them.
     """
-    point = StepPoint(base, {}, 0.0, dtype)
-    params = dict(model.named_parameters())
-    leaves = {n: point(n, params[n]).detach().requires_grad_(True) for n in names}
 
-    def value_of(name, param):
-        return leaves[name] if name in leaves else point(name, param)
+    def __init__(self, model, batch: ProbeBatch, base: Mapping[str, Tensor], names: list[str], *,
+                 normalize: str, estimator: str, microbatch_size: int | None, dtype: torch.dtype | None):
+        self.model, self.batch, self.names, self.estimator = model, batch, names, estimator
+        self.point = StepPoint(base, {}, 0.0, dtype)
+        params = dict(model.named_parameters())
+        self.leaves = {n: self.point(n, params[n]).detach().requires_grad_(True) for n in names}
+        self.microbatches = list(batch.microbatches(microbatch_size))
+        self._kept = None
+        single = len(self.microbatches) == 1  # then the gradient pass's own values give Ĥ: no value pass
+        with torch.set_grad_enabled(single), math_attention(model):
+            parts = [self.terms(mb) for mb in self.microbatches]
+        if single:
+            self._kept = parts[0]
+        self.log_prob = torch.cat([p[0] for p in parts]).detach()
+        self.integrand = torch.cat([p[1] for p in parts]).detach()
+        self.norm = estimators.normaliser(batch.response_lengths, normalize).to(self.log_prob.device)
+        base_weights = estimators.proposal_weights(self.log_prob, _cpu(batch.proposal_log_probs))
+        self.weights = torch.ones_like(self.log_prob) if base_weights is None else base_weights.to(self.log_prob.device)
+        self.total = (self.weights * self.norm).sum()
+        self.entropy = float((self.weights * self.integrand).sum() / self.total)
 
-    def terms(mb: ProbeBatch) -> list[Tensor]:
-        return _sums(*_position_terms(model, mb, value_of, estimator, at_origin=True)[:2])
+    def _value_of(self, name, param):
+        return self.leaves[name] if name in self.leaves else self.point(name, param)
 
-    microbatches = list(batch.microbatches(microbatch_size))
-    single = len(microbatches) == 1  # then the gradient pass's own values give Ĥ: no value pass
-    with torch.set_grad_enabled(single), math_attention(model):
-        parts = [terms(mb) for mb in microbatches]
-    log_prob = torch.cat([p[0] for p in parts]).detach()
-    integrand = torch.cat([p[1] for p in parts]).detach()
-    norm = estimators.normaliser(batch.response_lengths, normalize).to(log_prob.device)
-    base_weights = estimators.proposal_weights(log_prob, _cpu(batch.proposal_log_probs))
-    b = torch.ones_like(log_prob) if base_weights is None else base_weights.to(log_prob.device)
-    total = (b * norm).sum()
-    entropy = float((b * integrand).sum() / total)
-    gradient = {n: torch.zeros_like(leaves[n], dtype=torch.float64) for n in names}
-    start = 0
-    with torch.enable_grad(), math_attention(model):
-        for mb in microbatches:
-            s, f = parts[0] if single else terms(mb)
-            rows = slice(start, start + len(mb))
-            start += len(mb)
-            weight = b[rows] / total
-            keep = weight > 0  # 0·(−inf) outside θ₀'s support under a proposal
-            surrogate = (weight[keep] * (f[keep] + (f[keep].detach() - entropy * norm[rows][keep]) * s[keep])).sum()
-            grads = torch.autograd.grad(surrogate, [leaves[n] for n in names], allow_unused=True)
-            for n, g in zip(names, grads):
-                if g is not None:
-                    gradient[n] += g.double()
-    return gradient, entropy
+    def terms(self, mb: ProbeBatch) -> list[Tensor]:
+        return _sums(*_position_terms(self.model, mb, self._value_of, self.estimator, at_origin=True)[:2])
+
+    def gradient(self, surrogate: Callable[[Tensor, Tensor, Tensor], Tensor],
+                 rows: Tensor | None = None) -> dict[str, Tensor]:
+        """∇ Σ over microbatches of ``surrogate(index, S, f)`` (index: the rows of E in hand), over
+        all of E, or over the sequences ``rows`` in one pass."""
+        if rows is None:
+            pieces, starts = self.microbatches, torch.cumsum(torch.tensor([0] + [len(m) for m in self.microbatches]), 0)
+            indices = [torch.arange(int(starts[k]), int(starts[k + 1])) for k in range(len(pieces))]
+        else:
+            pieces, indices = [self.batch.select(rows)], [rows]
+        out = {n: torch.zeros_like(self.leaves[n], dtype=torch.float64) for n in self.names}
+        with torch.enable_grad(), math_attention(self.model):
+            for mb, index in zip(pieces, indices):
+                s, f = self._kept if (self._kept is not None and rows is None) else self.terms(mb)
+                keep = self.weights[index] > 0  # 0·(−inf) outside θ₀'s support under a proposal
+                grads = torch.autograd.grad(surrogate(index[keep], s[keep], f[keep]),
+                                            [self.leaves[n] for n in self.names], allow_unused=True,
+                                            retain_graph=rows is None and self._kept is not None)
+                for n, g in zip(self.names, grads):
+                    if g is not None:
+                        out[n] += g.double()
+        return out
+
+    def entropy_gradient(self) -> dict[str, Tensor]:
+        """∇Ĥ(θ₀)."""
+        b, c, h = self.weights, self.norm, self.entropy
+        return self.gradient(lambda i, s, f: (b[i] * (f + (f.detach() - h * c[i]) * s)).sum() / self.total)
 
 
 def attribute_delta_h(model, batch: ProbeBatch, base: Mapping[str, Tensor], optimizer: torch.optim.Optimizer,
                       update_losses: UpdateLosses, *, normalize: str = "token", estimator: str = "rb",
                       microbatch_size: int | None = None, clip_factor: float | None = None,
-                      precision: Precision = "auto") -> Attribution:
+                      precision: Precision = "auto", standard_errors: bool = False) -> Attribution:
     """Split the linear prediction of ΔH along the step ``optimizer`` just took from ``base``
     (θ₀) to the model's current parameters among the samples of the update batch.
 
@@ -101,6 +117,10 @@ def attribute_delta_h(model, batch: ProbeBatch, base: Mapping[str, Tensor], opti
     the objective whose gradient was applied. ``clip_factor``: c with g = c·Σ_u ∇L_u (e.g. from
     gradient clipping); None fits it as ⟨g, G⟩/⟨G, G⟩ with G = ∇Σ_u L_u from one reverse pass
     over U. For an optimizer ``optimizer_split`` does not cover, only ``linear`` is given.
+
+    ``standard_errors``: the grouped-jackknife SE over E's prompt groups of every a_u
+    (``per_sample_se``), at the cost of one more reverse pass over E, split by group, and G + 1
+    JVPs over U (``per_sample_se`` below).
     """
     check_options(normalize, estimator, microbatch_size)
     check_precision(precision)
@@ -120,8 +140,9 @@ def attribute_delta_h(model, batch: ProbeBatch, base: Mapping[str, Tensor], opti
                          "after optimizer.step() and before zero_grad()")
     dtype = resolve_precision(precision, model).derivatives
     with probe_mode(model), pass_numerics(model, dtype):
-        gradient, entropy = entropy_gradient(model, batch, base, names, normalize=normalize, estimator=estimator,
-                                             microbatch_size=microbatch_size, dtype=dtype)
+        on_e = GradientsOnE(model, batch, base, names, normalize=normalize, estimator=estimator,
+                            microbatch_size=microbatch_size, dtype=dtype)
+        gradient, entropy = on_e.entropy_gradient(), on_e.entropy
     linear = _dot(gradient, delta)
     if split is None:
         return Attribution(per_sample=None, momentum=math.nan, weight_decay=math.nan, residual=math.nan,
@@ -140,16 +161,56 @@ def attribute_delta_h(model, batch: ProbeBatch, base: Mapping[str, Tensor], opti
                     for n, g in zip(moved, full)}
             clip_factor = _dot(split.gradient, full) / _dot(full, full)
         with torch.no_grad():
-            per_sample = clip_factor * _per_sample_jvp(update_losses, primals, direction)
+            influence = _per_sample_jvp(update_losses, primals, direction)
+            per_sample = clip_factor * influence
             jacobian = None
             if split.jacobian_gain is not None:  # Adam: the influence through v_t as well
                 jacobian = clip_factor * _per_sample_jvp(
                     update_losses, primals, {n: split.jacobian_gain[n] * gradient[n] for n in moved})
+    se = None
+    if standard_errors:
+        with probe_mode(model), pass_numerics(model, dtype), math_attention(model), torch.no_grad():
+            se = per_sample_se(on_e, lambda d: _per_sample_jvp(update_losses, primals, d), split.gain,
+                               clip_factor, influence)
     momentum = _dot(gradient, split.momentum)
     weight_decay = _dot(gradient, split.weight_decay)
     residual = linear - float(per_sample.sum()) - momentum - weight_decay
     return Attribution(per_sample=per_sample, momentum=momentum, weight_decay=weight_decay, residual=residual,
-                       linear=linear, entropy=entropy, clip_factor=float(clip_factor), per_sample_jacobian=jacobian)
+                       linear=linear, entropy=entropy, clip_factor=float(clip_factor), per_sample_jacobian=jacobian,
+                       per_sample_se=se)
+
+
+def per_sample_se(on_e: GradientsOnE, project: Callable[[dict[str, Tensor]], Tensor], gain: dict[str, Tensor],
+                  clip_factor: float, influence: Tensor) -> Tensor:
+    r"""Grouped-jackknife SE over E's prompt groups of each a_u = c·⟨γ ⊙ ∇Ĥ, ∇L_u⟩.
+
+    Without group h, ∇Ĥ_(−h) = [C ∇Ĥ + (Ĥ − Ĥ_(−h)) B − E_h] / C_(−h), with B = ∇Σ_i b_i c_i S_i over
+    all of E and E_h = ∇Σ_{i∈h} b_i [f_i + (f_i − Ĥ_(−h) c_i)·S_i] (bracket held fixed), so
+    a_u^(−h) = c [C j_u + (Ĥ − Ĥ_(−h)) β_u − ε_hu] / C_(−h) with j, β, ε_h the projections
+    ⟨γ ⊙ ·, ∇L_u⟩ (``project``: one JVP over U each) of ∇Ĥ, B and E_h.
+    """
+    dense, groups = estimators.group_index(on_e.batch.group.cpu())
+    if groups < 2:
+        return torch.full_like(influence, math.nan)
+    b, c = on_e.weights.double().cpu(), on_e.norm.double().cpu()
+    f = torch.where(b > 0, on_e.integrand.double().cpu(), 0.0)
+    per_group = lambda x: torch.zeros(groups, dtype=torch.float64).index_add_(0, dense, x)  # noqa: E731
+    total, weighted_f = float((b * c).sum()), float((b * f).sum())
+    total_without = total - per_group(b * c)
+    entropy_without = (weighted_f - per_group(b * f)) / total_without
+    along = lambda grad: project({n: gain[n] * grad[n].to(gain[n].device) for n in gain})  # noqa: E731
+    weights, norm = on_e.weights, on_e.norm
+    beta = along(on_e.gradient(lambda i, s, f_: (weights[i] * norm[i] * s).sum()))
+    leave_out = []
+    for h in range(groups):
+        rows = torch.nonzero(dense == h).flatten()
+        level = float(entropy_without[h])
+        piece = on_e.gradient(lambda i, s, f_: (weights[i] * (f_ + (f_.detach() - level * norm[i]) * s)).sum(),
+                              rows=rows.to(weights.device))
+        leave_out.append(clip_factor * (total * influence + (on_e.entropy - level) * beta - along(piece))
+                         / float(total_without[h]))
+    leave_out = torch.stack(leave_out)
+    return torch.sqrt((groups - 1) / groups * ((leave_out - leave_out.mean(0)) ** 2).sum(0))
 
 
 def _per_sample_jvp(update_losses: UpdateLosses, primals: dict[str, Tensor], direction: dict[str, Tensor]) -> Tensor:

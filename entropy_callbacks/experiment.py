@@ -58,7 +58,9 @@ class ProbeExperiment:
             ``entropy_callbacks.hf_sampler.HFGenerateSampler``).
         attribution: when the module defines ``entropy_probe_losses(U)`` (per-rollout losses
             summing to its loss), split each trial's linear prediction among U's rollouts
-            (docs/method.md §6) and keep the ``attribution_top_k`` largest with their text.
+            (docs/method.md §6) and keep the ``attribution_top_k`` largest with their text;
+            ``attribution_se`` adds each a_u's jackknife SE over E's prompt groups (G + 1 more
+            JVPs over U per trial).
         leave_one_out: in trial 0, retake the step without this many rollouts and compare the
             effect with a_u (Pearson r and slope in results.json); 0: off.
         lr: the learning rate of every trial's step (None: the optimizer's, as checkpointed).
@@ -84,6 +86,7 @@ class ProbeExperiment:
     sampler: Optional[Callable[..., ProbeBatch]] = None
     attribution: bool = True
     attribution_top_k: int = 5
+    attribution_se: bool = False
     leave_one_out: int = 8
     lr: float | None = None
     seed: int = 0
@@ -200,7 +203,8 @@ def run_trial(module, policy, optimizer, batch_e, experiment: ProbeExperiment, t
         # Right after the step: the optimizer's .grad and state are the ones it applied.
         found = attribute_delta_h(policy, batch_e, before, optimizer, module_update_losses(module, policy, update),
                                   normalize=experiment.normalize, estimator=experiment.estimator,
-                                  microbatch_size=experiment.microbatch_size, precision=experiment.precision)
+                                  microbatch_size=experiment.microbatch_size, precision=experiment.precision,
+                                  standard_errors=experiment.attribution_se)
         attribution = attribution_record(found, update, _decoder(module), experiment.attribution_top_k)
     return {
         "trial": trial, "seed": seed, "loss": float(loss.detach()),

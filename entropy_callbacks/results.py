@@ -85,3 +85,4 @@ class Attribution:
     note: str = ""
     # Adam: c·⟨J ⊙ ∇Ĥ, ∇L_u⟩ with J the exact ∂Δθ/∂g, v_t's dependence on g included (not additive)
     per_sample_jacobian: Tensor | None = field(default=None, repr=False)
+    per_sample_se: Tensor | None = field(default=None, repr=False)  # grouped jackknife over E (standard_errors=True)

@@ -56,8 +56,12 @@ def attribution_record(attribution: Attribution, update, decode: Callable[[list[
     out["per_rollout"] = {"a": a, "reward": rewards, "advantage": advantages, "length": lengths}
     if attribution.per_sample_jacobian is not None:
         out["per_rollout"]["a_jacobian"] = attribution.per_sample_jacobian.tolist()
+    if attribution.per_sample_se is not None:
+        out["per_rollout"]["a_se"] = attribution.per_sample_se.tolist()
     order = sorted(range(len(a)), key=lambda u: -abs(a[u]))[:top_k]
-    out["top"] = [{"rollout": u, "a": a[u], "share": a[u] / attribution.linear if attribution.linear else math.nan,
+    se = attribution.per_sample_se
+    out["top"] = [{"rollout": u, "a": a[u], "a_se": math.nan if se is None else float(se[u]),
+                   "share": a[u] / attribution.linear if attribution.linear else math.nan,
                    "reward": rewards[u], "advantage": advantages[u], "length": lengths[u],
                    "text": decode(tokens[u])} for u in order]
     return out

@@ -212,3 +212,22 @@ def test_adam_jacobian_influence_is_the_derivative_of_the_step(tmp_path):
         derivative = (linears[0] - linears[1]) / (2 * h)
         assert float(result.per_sample_jacobian[u]) == pytest.approx(derivative, rel=1e-5)
         assert abs(float(result.per_sample[u]) - derivative) > 1e-3 * abs(derivative)  # v_t's share is real
+
+
+def test_per_sample_standard_errors_are_the_grouped_jackknife(tmp_path):
+    """per_sample_se against a brute-force jackknife: the attribution recomputed with each prompt
+    group of E removed."""
+    model, batch_e, rollouts, advantages = setting(tmp_path, seed=7)
+    losses = per_sample_losses(model, rollouts, advantages)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    warm_up(model, optimizer, losses, steps=1)
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    take_step(model, optimizer, losses)
+    result = attribute_delta_h(model, batch_e, base, optimizer, losses, clip_factor=1.0, standard_errors=True)
+    groups = batch_e.group.unique().tolist()
+    leave_out = torch.stack([
+        attribute_delta_h(model, batch_e.select(torch.nonzero(batch_e.group != g).flatten()), base, optimizer, losses,
+                          clip_factor=1.0).per_sample for g in groups])
+    brute = torch.sqrt((len(groups) - 1) / len(groups) * ((leave_out - leave_out.mean(0)) ** 2).sum(0))
+    torch.testing.assert_close(result.per_sample_se, brute, rtol=1e-6, atol=1e-15)
+    assert bool((result.per_sample_se > 0).all())

@@ -164,6 +164,7 @@ def test_probe_from_the_fit_checkpoint(fit_run, tmp_path):
         assert abs(split["residual"]) <= 1e-4 * abs(split["linear"])  # float32 derivative passes
         assert split["linear"] == pytest.approx(trial["per_scale"][2]["linear"], rel=0.05)  # controls aside
         assert len(split["top"]) == 5 and all(isinstance(row["text"], str) for row in split["top"])
+        assert len(split["per_rollout"]["a_se"]) == 8 * 16 and all(row["a_se"] > 0 for row in split["top"])
     check = results["leave_one_out"]
     assert len(check["rollouts"]) == 8 and len(set(check["rollouts"])) == 8
     fits = check["fits"]
