@@ -29,6 +29,8 @@ from .prompts import load_prompts, tokenize_prompts
 from .reporting import (SMALL_G, JsonlFile, SeriesRuns, custom_scalars_layout, log_to_tensorboard, small_g_message,
                         summary_table)
 from .sampling import DecodeOptions, ProbeBatch, SamplingConfig, check_sampling_inputs
+from .attribution import attribute_delta_h
+from .rollout_attribution import concatenated_losses, record_fields, supports_attribution
 from .step_probe import DEFAULT_DEFENSIVE, ProbeOptions, ProbeRecord, StepProbe
 
 JSONL_NAME = "entropy_probe.jsonl"
@@ -73,6 +75,13 @@ class EntropyProbe(Callback):
         decode: how the built-in sampler runs its decoding steps: ``DecodeOptions(cache="static",
             compile=True)`` preallocates the KV cache and compiles the step (CUDA graphs on a
             GPU); the draws are the same.
+        attribution: when the LightningModule defines ``entropy_probe_losses(batch) -> Tensor[n]``
+            (the per-sample losses of a training batch, summing to its loss), split each probed
+            step's linear prediction among the step's samples (docs/method.md §6): a_u per
+            sample, the momentum / weight-decay / residual shares, the ``attribution_top_k``
+            largest as text (with ``entropy_probe_rollouts(batch)``: text, reward, advantage,
+            log_prob per sample) and Pearson r against Cui et al.'s −lr·Cov(log π, A) proxy.
+            Single process only (under DDP ∇Ĥ would span the ranks' shares of E).
         on_error: "warn" (count and continue) or "raise".
         log_samples: how many decoded responses of E to log as TensorBoard text.
         jsonl: write every probe to ``entropy_probe.jsonl`` in the logger's directory.
@@ -105,6 +114,8 @@ class EntropyProbe(Callback):
         defensive: float = DEFAULT_DEFENSIVE,
         control_variates: bool = True,
         decode: DecodeOptions = DecodeOptions(),
+        attribution: bool = True,
+        attribution_top_k: int = 5,
         on_error: Literal["warn", "raise"] = "warn",
         log_samples: int = 4,
         jsonl: bool = True,
@@ -128,6 +139,12 @@ class EntropyProbe(Callback):
         if isinstance(figure_every, bool) or not isinstance(figure_every, int) or figure_every < 0:
             raise ValueError(f"figure_every must be an integer >= 0 (0: no figures in TensorBoard), got {figure_every!r}")
         self.figure_every = figure_every
+        if isinstance(attribution_top_k, bool) or not isinstance(attribution_top_k, int) or attribution_top_k < 0:
+            raise ValueError(f"attribution_top_k must be an integer >= 0, got {attribution_top_k!r}")
+        self.attribution = bool(attribution)
+        self.attribution_top_k = attribution_top_k
+        self._step_batches: list = []  # the training batches since the last optimizer step
+        self._probe_optimizer = None
         self.name = name
         self.prefix = "entropy/" if name is None else f"entropy/{name}/"
         self.prompts = load_prompts(prompts)
@@ -222,6 +239,7 @@ class EntropyProbe(Callback):
             return
         self._due_step = step
         lr = float(optimizer.param_groups[0]["lr"]) if optimizer.param_groups else math.nan
+        self._probe_optimizer = getattr(optimizer, "_optimizer", optimizer)
         self._last_batch = self._contained(step, lambda: core.begin(self.policy, step, lr))
         if core.pending is not None:
             # Δθ is taken the moment this optimizer's step returns, whatever runs before the batch
@@ -239,10 +257,15 @@ class EntropyProbe(Callback):
             self._capture_handle.remove()
             self._capture_handle = None
 
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        if self.core is not None and self.attribution and supports_attribution(pl_module):
+            self._step_batches.append(batch)
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
         if self.core is None:
             return
+        stepped = trainer.global_step > self._last_step
         completed = range(self._last_step, trainer.global_step)
         self._last_step = trainer.global_step
         finished, self._finished = self._finished, set()
@@ -256,6 +279,8 @@ class EntropyProbe(Callback):
                 # The optimizer step ran without on_before_optimizer_step (e.g. a module that
                 # skipped optimizer.step()): nothing moved that the probe saw.
                 self._publish(trainer, ProbeRecord(step=step, skipped=True), None)
+        if stepped:
+            self._step_batches = []
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._series is not None:
@@ -285,6 +310,7 @@ class EntropyProbe(Callback):
     def _finish_probe(self, trainer: pl.Trainer, step: int) -> None:
         self._release_capture()
         core = self.core
+        before = core.pending.before if core.pending is not None else None
         local = self._contained(step, lambda: core.measure_local(self.policy)) if core.pending else None
         parts = self._gather(trainer, local)
         batch_e = None if local is None else self._last_batch
@@ -297,9 +323,41 @@ class EntropyProbe(Callback):
             self._log_metrics(trainer, {f"{self.prefix}probe_errors": float(self.probe_errors)}, step)
             return
         record = self._contained(step, lambda: core.summarize(parts))
+        if record is not None and not record.skipped and before is not None and batch_e is not None:
+            self._attribute(trainer, record, before, batch_e)
         self._last_batch = None  # E leaves the device between probes
         if record is not None:
             self._publish(trainer, record, batch_e)
+
+    def _attribute(self, trainer: pl.Trainer, record: ProbeRecord, before, batch_e) -> None:
+        """Fill the record's attribution fields; a failure leaves them empty and training going."""
+        module = trainer.lightning_module
+        if (not self.attribution or not supports_attribution(module) or not self._step_batches
+                or trainer.world_size > 1 or self._probe_optimizer is None):
+            return
+        o = self.options
+        batches = list(self._step_batches)
+
+        def attribute() -> None:
+            found = attribute_delta_h(self.policy, batch_e, before, self._probe_optimizer,
+                                      concatenated_losses(module, self.policy, batches), normalize=o.normalize,
+                                      estimator=o.estimator, microbatch_size=o.microbatch_size, precision=o.precision)
+            info = None
+            if callable(getattr(module, "entropy_probe_rollouts", None)):
+                parts = [module.entropy_probe_rollouts(batch) for batch in batches]
+                info = {key: [v for part in parts for v in part[key]] for key in parts[0]}
+            for name, value in record_fields(found, info, record.lr, self.attribution_top_k).items():
+                setattr(record, name, value)
+
+        try:
+            with preserved_rng(next(self.policy.parameters()).device):
+                attribute()
+        except Exception as error:  # noqa: BLE001 - attribution must not kill or alter training
+            if self.on_error == "raise":
+                raise
+            warnings.warn(f"EntropyProbe: the attribution at step {record.step} failed ({type(error).__name__}: "
+                          f"{error}); the probe's other numbers stand and training continues",
+                          RuntimeWarning, stacklevel=2)
 
     @staticmethod
     def _gather(trainer: pl.Trainer, local) -> list:

@@ -152,3 +152,22 @@ def log_to_tensorboard(writer, prefix: str, record: ProbeRecord, batch_e, sample
     if samples and batch_e is not None:
         writer.add_text(f"{prefix}samples", samples_markdown(batch_e, record, samples, responses_per_prompt, decode),
                         record.step)
+    if record.rollout_a and record.attribution_linear:
+        shares = torch.tensor(record.rollout_a, dtype=torch.float64) * (100 / abs(record.attribution_linear))
+        writer.add_histogram(f"{prefix}attribution/rollout_share_pct", shares, record.step)
+        writer.add_text(f"{prefix}attribution/top_rollouts", top_rollouts_markdown(record), record.step)
+
+
+def top_rollouts_markdown(record: ProbeRecord) -> str:
+    """The update batch's samples that carried most of the predicted change (docs/method.md §6)."""
+    rows = [f"momentum {record.attribution_momentum / record.attribution_linear:+.0%}, weight decay "
+            f"{record.attribution_weight_decay / record.attribution_linear:+.0%}, residual "
+            f"{record.attribution_residual / record.attribution_linear:+.1%} of the linear prediction "
+            f"{record.attribution_linear:+.3e}", "",
+            "| rollout | text | a_u (share) | reward | advantage |", "|---|---|---|---|---|"]
+    number = lambda v, spec: "—" if v is None else format(v, spec)  # noqa: E731
+    for row in record.top_rollouts:
+        text = "—" if row["text"] is None else f"`{_cell(row['text'])}`"
+        rows.append(f"| {row['rollout']} | {text} | {row['a']:+.2e} ({row['a'] / record.attribution_linear:+.0%}) "
+                    f"| {number(row['reward'], '.3f')} | {number(row['advantage'], '+.3f')} |")
+    return "\n".join(rows)

@@ -83,3 +83,37 @@ def fit_line(x: list[float], y: list[float]) -> dict:
         return {"pearson_r": math.nan, "slope": math.nan}
     xc, yc = tx - tx.mean(), ty - ty.mean()
     return {"pearson_r": float((xc * yc).sum() / (xc.norm() * yc.norm())), "slope": float((xc * yc).sum() / (xc * xc).sum())}
+
+
+def concatenated_losses(module, policy: torch.nn.Module, batches: list) -> UpdateLosses:
+    """``update_losses`` over the step's micro-batches (gradient accumulation): their per-sample
+    losses, concatenated in order."""
+    parts = [module_update_losses(module, policy, batch) for batch in batches]
+    return lambda params: torch.cat([part(params) for part in parts])
+
+
+def cui_proxy(log_prob: list[float], advantage: list[float], lr: float) -> torch.Tensor:
+    """Cui et al.'s per-rollout covariance proxy of the entropy change: −lr·(log π_u − mean)(A_u − mean)/n,
+    whose sum is −lr·Cov(log π, A)."""
+    lp, adv = torch.tensor(log_prob, dtype=torch.float64), torch.tensor(advantage, dtype=torch.float64)
+    return -lr * (lp - lp.mean()) * (adv - adv.mean()) / len(lp)
+
+
+def record_fields(attribution: Attribution, info: dict | None, lr: float, top_k: int) -> dict:
+    """The ProbeRecord fields of one step's attribution (``info``: the module's
+    ``entropy_probe_rollouts``, text/reward/advantage/log_prob per rollout, or None)."""
+    fields = {"attribution_linear": attribution.linear, "attribution_momentum": attribution.momentum,
+              "attribution_weight_decay": attribution.weight_decay, "attribution_residual": attribution.residual}
+    if attribution.per_sample is None:
+        return fields
+    a = attribution.per_sample.tolist()
+    fields["rollout_a"] = a
+    if attribution.per_sample_jacobian is not None:
+        fields["rollout_a_jacobian"] = attribution.per_sample_jacobian.tolist()
+    order = sorted(range(len(a)), key=lambda u: -abs(a[u]))[:top_k]
+    value = lambda name, u: info[name][u] if info is not None and name in info else None  # noqa: E731
+    fields["top_rollouts"] = [{"rollout": u, "a": a[u], "text": value("text", u), "reward": value("reward", u),
+                               "advantage": value("advantage", u)} for u in order]
+    if info is not None and "log_prob" in info and "advantage" in info and math.isfinite(lr):
+        fields["cui_pearson"] = fit_line(cui_proxy(info["log_prob"], info["advantage"], lr).tolist(), a)["pearson_r"]
+    return fields

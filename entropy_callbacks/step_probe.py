@@ -143,6 +143,16 @@ class ProbeRecord:
     delta_measured_usable: bool = True
     per_sequence_linear: list[float] = field(default_factory=list)
     per_sequence_weight: list[float] = field(default_factory=list)  # SNIS weight at s = 1, mean 1
+    # Attribution to the update batch (docs/method.md §6; modules with entropy_probe_losses):
+    # linear (⟨∇Ĥ, Δθ⟩, no control variates) = Σ rollout_a + momentum + weight decay + residual
+    attribution_linear: float = math.nan
+    attribution_momentum: float = math.nan
+    attribution_weight_decay: float = math.nan
+    attribution_residual: float = math.nan
+    rollout_a: list[float] = field(default_factory=list)
+    rollout_a_jacobian: list[float] = field(default_factory=list)  # Adam: v_t's dependence included
+    top_rollouts: list[dict] = field(default_factory=list)  # the largest |a_u|: text, reward, advantage
+    cui_pearson: float = math.nan  # Pearson(a_u, −lr·Cov(log π, A) per rollout), Cui et al.'s proxy
 
     def metrics(self, truncates: bool, prefix: str = "entropy/") -> dict[str, float]:
         """Scalars under the ``prefix`` tags (``entropy/`` by default)."""
@@ -182,6 +192,10 @@ class ProbeRecord:
             m[f"delta_measured@{scale:g}"] = delta
         if truncates:
             m["outside_support"] = self.outside_support[0]
+        if self.rollout_a and self.attribution_linear:
+            for part in ("momentum", "weight_decay", "residual"):
+                m[f"attribution/{part}_share"] = getattr(self, f"attribution_{part}") / self.attribution_linear
+            m["attribution/cui_pearson"] = self.cui_pearson
         if not self.delta_measured_usable:  # biased (outside_support says why): not plotted as if it were not
             m = {k: v for k, v in m.items() if not k.startswith(("delta_measured", "taylor_error"))}
         return {prefix + name: value for name, value in m.items()}

@@ -168,11 +168,31 @@ class GRPOModule(pl.LightningModule):
         per_rollout, stats = self._per_rollout_losses(rollouts)
         return per_rollout.mean(), stats
 
-    def entropy_probe_losses(self, rollouts: Rollouts) -> torch.Tensor:
-        """The per-rollout losses L_u whose sum is ``policy_loss`` (the attribution protocol of
-        ``entropy-callbacks probe``, docs/method.md §6)."""
-        per_rollout, _ = self._per_rollout_losses(rollouts)
+    def entropy_probe_losses(self, batch) -> torch.Tensor:
+        """The per-rollout losses L_u whose sum is the loss (the attribution protocol of
+        ``EntropyProbe`` and ``entropy-callbacks probe``, docs/method.md §6). ``batch``: the
+        training batch of the step (its rollouts, drawn in ``training_step``) or the Rollouts."""
+        per_rollout, _ = self._per_rollout_losses(self._rollouts_for(batch))
         return per_rollout / len(per_rollout)
+
+    def entropy_probe_rollouts(self, batch) -> dict[str, list]:
+        """What the probe shows of each rollout: its text, reward, advantage and log q (at θ₀)."""
+        rollouts = self._rollouts_for(batch)
+        probe = rollouts.batch
+        width = probe.prompt_length
+        texts = [self.tokenizer.decode(probe.input_ids[i, width:][probe.response_mask[i, width:]].tolist())
+                 for i in range(len(probe))]
+        log_prob = probe.sampler_log_probs.double().sum(-1)
+        return {"text": texts, "reward": rollouts.rewards.tolist(), "advantage": rollouts.advantages.tolist(),
+                "log_prob": log_prob.tolist()}
+
+    def _rollouts_for(self, batch) -> Rollouts:
+        if isinstance(batch, Rollouts):
+            return batch
+        found = getattr(self, "_rollouts_of", {}).get(id(batch))
+        if found is None:
+            raise ValueError("no rollouts were drawn for this batch in training_step")
+        return found
 
     def _per_rollout_losses(self, rollouts: Rollouts) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         batch = rollouts.batch
@@ -195,6 +215,10 @@ class GRPOModule(pl.LightningModule):
 
     def training_step(self, prompt_indices, batch_idx: int):
         rollouts = self.rollouts(prompt_indices.tolist(), _seed(self.hparams.seed, "rollouts", self.global_step))
+        # EntropyProbe's attribution asks for this batch's per-rollout losses after the step (all
+        # micro-batches of the step under accumulation: the last few batches are kept).
+        recent = list(getattr(self, "_rollouts_of", {}).items())[-63:]
+        self._rollouts_of = dict(recent + [(id(prompt_indices), rollouts)])
         loss, stats = self.policy_loss(rollouts)
         self.log("train/loss", loss, prog_bar=False)
         self.log("train/reward", stats["reward"], prog_bar=True)
