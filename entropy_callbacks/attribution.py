@@ -159,7 +159,9 @@ def attribute_delta_h(model, batch: ProbeBatch, base: Mapping[str, Tensor], opti
                 full = torch.autograd.grad(update_losses(leaves).sum(), [leaves[n] for n in moved], allow_unused=True)
             full = {n: (g.double() if g is not None else torch.zeros_like(split.gradient[n]))
                     for n, g in zip(moved, full)}
-            clip_factor = _dot(split.gradient, full) / _dot(full, full)
+            norm = _dot(full, full)
+            # G = 0 (e.g. every advantage 0): no sample moved anything; a_u = 0 whatever c is.
+            clip_factor = _dot(split.gradient, full) / norm if norm > 0 else 1.0
         with torch.no_grad():
             influence = _per_sample_jvp(update_losses, primals, direction)
             per_sample = clip_factor * influence

@@ -231,3 +231,17 @@ def test_per_sample_standard_errors_are_the_grouped_jackknife(tmp_path):
     brute = torch.sqrt((len(groups) - 1) / len(groups) * ((leave_out - leave_out.mean(0)) ** 2).sum(0))
     torch.testing.assert_close(result.per_sample_se, brute, rtol=1e-6, atol=1e-15)
     assert bool((result.per_sample_se > 0).all())
+
+
+def test_a_step_with_no_gradient_is_all_momentum(tmp_path):
+    """Every advantage 0 (a GRPO group all right or all wrong): the samples contribute nothing and
+    the whole step is Adam's momentum (and AdamW's decay)."""
+    model, batch_e, rollouts, advantages = setting(tmp_path, seed=8)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    warm_up(model, optimizer, per_sample_losses(model, rollouts, advantages))
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    idle = per_sample_losses(model, rollouts, torch.zeros_like(advantages))
+    take_step(model, optimizer, idle)
+    result = check_split(model, batch_e, base, optimizer, idle)
+    assert float(result.per_sample.abs().max()) == 0.0
+    assert result.momentum + result.weight_decay == pytest.approx(result.linear, rel=1e-6)
