@@ -315,19 +315,26 @@ class EntropyProbe(Callback):
         parts = self._gather(trainer, local)
         batch_e = None if local is None else self._last_batch
         if any(part is None for part in parts):
-            self.probe_errors += 1
-            reason = getattr(self, "_failure", None) or "it failed on another rank"
-            self._failure = None
-            warnings.warn(f"EntropyProbe: the probe at step {step} failed and was skipped ({reason}); training continues",
-                          RuntimeWarning, stacklevel=2)
-            self._log_metrics(trainer, {f"{self.prefix}probe_errors": float(self.probe_errors)}, step)
+            self._skip_failed(trainer, step, "it failed on another rank")
             return
         record = self._contained(step, lambda: core.summarize(parts))
+        if record is None:  # the summary failed (the same on every rank: it sees the same terms)
+            self._last_batch = None
+            self._skip_failed(trainer, step, "its summary failed")
+            return
         if record is not None and not record.skipped and before is not None and batch_e is not None:
             self._attribute(trainer, record, before, batch_e)
         self._last_batch = None  # E leaves the device between probes
         if record is not None:
             self._publish(trainer, record, batch_e)
+
+    def _skip_failed(self, trainer: pl.Trainer, step: int, fallback: str) -> None:
+        self.probe_errors += 1
+        reason = getattr(self, "_failure", None) or fallback
+        self._failure = None
+        warnings.warn(f"EntropyProbe: the probe at step {step} failed and was skipped ({reason}); training continues",
+                      RuntimeWarning, stacklevel=3)
+        self._log_metrics(trainer, {f"{self.prefix}probe_errors": float(self.probe_errors)}, step)
 
     def _attribute(self, trainer: pl.Trainer, record: ProbeRecord, before, batch_e) -> None:
         """Fill the record's attribution fields; a failure leaves them empty and training going."""

@@ -171,6 +171,11 @@ def jackknife_se(columns: Tensor, group: Tensor, statistic: Statistic) -> float:
 
 MIN_CONTROL_GROUPS = 4  # each group's coefficients come from at least 3 others
 MIN_FIT_PER_COEFFICIENT = 4  # sequences per fitted coefficient in every leave-one-group-out fit
+# Ridge on the standardised features, per fitted sequence: a feature that is ~0 outside group g
+# (a rare token's surprisal, all in one group) gets a coefficient near 0 there, not a wild one.
+CONTROL_RIDGE = 0.02
+# A feature set must cut the out-of-group spread by this fraction to be used (no chance picks).
+CONTROL_MARGIN = 0.02
 # Columns of the control features (scoring.score_controls): the score family, the surprisal family.
 CONTROL_FAMILIES = ((0, 1, 2), (3, 4, 5, 6, 7))
 # The features that do not depend on Δθ: Ĥ(θ₀) uses only these, so that it is the same number
@@ -191,7 +196,9 @@ def control_corrections(columns: Tensor, dense: Tensor, num_groups: int, statist
     Which features help depends on the model and the step, and a feature that does not help
     costs variance through its fitted coefficient. So the feature set — one of the ``families``
     (columns of ``controls``), all of them, or none — is the one whose out-of-group residuals
-    ψ_g − Σ β_(−g)·u spread least over the groups.
+    ψ_g − Σ β_(−g)·u spread least over the groups, and only if it beats none by
+    ``CONTROL_MARGIN``; and β is a ridge fit on standardised features (``CONTROL_RIDGE``), which
+    keeps a heavy-tailed feature seen in one group only from a wild coefficient there.
 
     None (no correction) when no feature set beats none, with fewer than ``MIN_CONTROL_GROUPS``
     groups or too few sequences per coefficient, or with non-finite terms (e.g. all SNIS weights 0).
@@ -221,7 +228,7 @@ def control_corrections(columns: Tensor, dense: Tensor, num_groups: int, statist
         sums = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, dense, per_sequence)
         return float(((sums - sums.mean()) ** 2).sum())
 
-    best, best_spread = None, spread(own)
+    best, best_spread = None, (1 - CONTROL_MARGIN) * spread(own)
     for chosen in sorted(candidates):
         correction = _cross_fitted(u[:, list(chosen)], influence, dense, num_groups)
         residual_spread = spread(own - correction)
@@ -231,11 +238,14 @@ def control_corrections(columns: Tensor, dense: Tensor, num_groups: int, statist
 
 
 def _cross_fitted(u: Tensor, targets: Tensor, dense: Tensor, num_groups: int) -> Tensor:
-    """u_i·β_(−g(i)), with β_(−g) the least-squares fit of ``targets[g]`` [N] on [1, u] over the
-    sequences outside group g."""
+    """u_i·β_(−g(i)), with β_(−g) the ridge fit (``CONTROL_RIDGE``) of ``targets[g]`` [N] on
+    [1, u] over the sequences outside group g."""
     x = torch.cat([torch.ones_like(u[:, :1]), u], 1)
+    size = x.shape[1]
     outside = (dense[None, :] != torch.arange(num_groups)[:, None]).to(torch.float64)  # [G, N]
     gram = torch.einsum("gn,ni,nj->gij", outside, x, x)
+    ridge = torch.diag(torch.cat([torch.zeros(1, dtype=torch.float64), torch.ones(size - 1, dtype=torch.float64)]))
+    gram = gram + CONTROL_RIDGE * outside.sum(1)[:, None, None] * ridge  # the intercept is not shrunk
     moment = torch.einsum("gn,ni,gn->gi", outside, x, targets)
     beta = (torch.linalg.pinv(gram, hermitian=True) @ moment[:, :, None])[:, 1:, 0]  # [G, J], intercepts dropped
     return (u * beta[dense]).sum(1)

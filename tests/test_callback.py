@@ -284,11 +284,12 @@ class _FailOnce:
         return self.original(*args, **kwargs)
 
 
-@pytest.mark.parametrize("target", ["measurement_terms", "sample_batch"], ids=["in-finish", "in-begin"])
+@pytest.mark.parametrize("target", ["measurement_terms", "sample_batch", "summarize_measurement"],
+                         ids=["in-finish", "in-begin", "in-summary"])
 def test_probe_failure_is_contained_with_on_error_warn(tmp_path, monkeypatch, target):
-    """A failure inside the probe (after the optimizer step while measuring, or before it
-    while sampling E) with on_error="warn": one RuntimeWarning, entropy/probe_errors counts it,
-    training finishes, the next due probe runs normally."""
+    """A failure inside the probe (after the optimizer step while measuring or summarising, or
+    before it while sampling E) with on_error="warn": one RuntimeWarning, entropy/probe_errors
+    counts it, training finishes, the next due probe runs normally."""
     failing = _FailOnce(getattr(step_probe_module, target))
     monkeypatch.setattr(step_probe_module, target, failing)
     policy = load_policy(tmp_path)
