@@ -283,7 +283,8 @@ def measure_delta_h(model, batch: ProbeBatch, base: Mapping[str, Tensor], delta:
 
     ``control_variates``: subtract cross-fitted score control variates (docs/method.md §5). Their
     features come from a derivative pass (one JVP), which this then runs: off by default here, where it
-    would double the cost; ``EntropyProbe`` and ``probe`` run that pass anyway and use them by default.
+    would double the cost; ``EntropyProbe`` and ``probe`` run that pass anyway (their
+    ``control_variates`` option, off by default: docs/method.md §5).
     """
     check_options(normalize, estimator, microbatch_size)
     check_precision(precision)
@@ -336,7 +337,7 @@ def _taylor(terms: PredictionTerms, normalize: str, base: Tensor | None, control
                                    controls=terms.controls if control_variates else None)
 
 
-def summarize_prediction(terms: PredictionTerms, normalize: str, control_variates: bool = True) -> Prediction:
+def summarize_prediction(terms: PredictionTerms, normalize: str, control_variates: bool = False) -> Prediction:
     base = estimators.proposal_weights(terms.log_prob, terms.proposal_log_prob)
     taylor = _taylor(terms, normalize, base, control_variates)
     second = taylor.curvature is not None
@@ -357,7 +358,7 @@ def summarize_prediction(terms: PredictionTerms, normalize: str, control_variate
 
 
 def taylor_gap(prediction: PredictionTerms, measurement: MeasurementTerms, normalize: str,
-               scale_index: int = 0, control_variates: bool = True) -> tuple[float, float]:
+               scale_index: int = 0, control_variates: bool = False) -> tuple[float, float]:
     """Measured ΔH at ``measurement``'s scale ``scale_index`` (s = 1) minus its best prediction
     (quadratic at order 2), and the jackknife SE of that paired difference: the two share E, and
     their leave-one-group-out values are differenced group by group."""
@@ -375,13 +376,14 @@ def taylor_gap(prediction: PredictionTerms, measurement: MeasurementTerms, norma
 def predict_delta_h(model, batch: ProbeBatch, base: Mapping[str, Tensor], delta: Mapping[str, Tensor], *,
                     order: int = 2, normalize: str = "token", estimator: str = "rb",
                     microbatch_size: int | None = None, precision: Precision = "auto",
-                    control_variates: bool = True) -> Prediction:
+                    control_variates: bool = False) -> Prediction:
     """Taylor prediction of ΔH along Δθ: g′(0) by one JVP pass (order 1), or g′(0) and g″(0) by
     one nested JVP pass (order 2), in the derivative dtype of ``precision`` ("auto": float32, or
     float64 for a float64 model).
 
     ``control_variates``: subtract cross-fitted score control variates from Ĥ, g′ and g″
-    (docs/method.md §5); their features come out of the same pass, at no extra cost.
+    (docs/method.md §5); their features come out of the same pass, at no extra cost. Off by
+    default: see docs/method.md §5 on heavy-tailed features.
     """
     check_options(normalize, estimator, microbatch_size)
     check_order(order)

@@ -81,7 +81,7 @@ class ProbeExperiment:
     microbatch_size: int | None = 64
     precision: Literal["auto", "float64", "float32", "model"] = "auto"
     defensive: float = DEFAULT_DEFENSIVE
-    control_variates: bool = True
+    control_variates: bool = False
     decode: DecodeOptions = field(default_factory=DecodeOptions)
     sampler: Optional[Callable[..., ProbeBatch]] = None
     attribution: bool = True

@@ -78,7 +78,7 @@ class ProbeOptions:
     snapshot_device: Literal["auto", "cpu"] = "auto"
     precision: Precision = "auto"
     defensive: float = DEFAULT_DEFENSIVE
-    control_variates: bool = True
+    control_variates: bool = False
     decode: DecodeOptions = DecodeOptions()
 
     def __post_init__(self) -> None:
