@@ -97,7 +97,8 @@ def test_one_grpo_step_with_lora_and_a_probe(smollm2, tmp_path):
     _, held_out = arithmetic_task()
     probe = EntropyProbe(prompts=[item.prompt for item in held_out[:8]], tokenizer="tokenizer", chat_template=True,
                          sampling=SamplingConfig(max_new_tokens=8), every_n_steps=1, responses_per_prompt=1,
-                         order=1, log_samples=2, on_error="raise", figure_every=0)
+                         order=1, log_samples=2, on_error="raise", figure_every=0,
+                         attribution=False)  # ~45 s more on CPU here; tests/test_callback_attribution.py covers it
     trainer = Trainer(max_steps=1, accelerator="cpu", logger=TensorBoardLogger(tmp_path, name=""),
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                       callbacks=[probe])
