@@ -235,7 +235,7 @@ def summarize_measurement(terms: MeasurementTerms, scales: Sequence[float], norm
     for k, scale in enumerate(scales):
         weights = estimators.snis_weights(terms.log_prob[k], sampled_from(terms))
         shifts.append(estimators.measured_shift(weights, terms.integrand[k], terms.integrand_origin, norm,
-                                                terms.group, base, controls))
+                                                terms.group, base, controls, entropy_before=before.value))
         mass = float(terms.outside_mass[k].sum()) / num_tokens
         outside.append(mass)
         # A proposal (the defensive one, or the user's engine) draws where q_θ₀ does not.

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -125,6 +125,8 @@ class Jackknifed:
     value: float
     leave_out: Tensor  # [G]
     controlled: bool = False  # control variates were applied (``jackknifed``)
+    # The per-sequence control corrections β_(−g(i))·u_i subtracted (not carried through arithmetic).
+    correction: Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def se(self) -> float:
@@ -155,13 +157,14 @@ def jackknifed(columns: Tensor, group: Tensor, statistic: Statistic, controls: T
     total = columns.sum(0)
     per_group = torch.zeros(num_groups, columns.shape[1], dtype=torch.float64).index_add_(0, dense, columns)
     value, leave_out = float(statistic(total)), statistic(total - per_group)
-    correction = None if controls is None else control_corrections(columns, dense, num_groups, statistic, controls,
+    correction = None if controls is None else control_corrections(columns, per_group, dense, statistic, controls,
                                                                    families or CONTROL_FAMILIES)
     if correction is None:
         return Jackknifed(value, leave_out)
     per_group_correction = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, dense, correction)
     full = per_group_correction.sum()
-    return Jackknifed(value - float(full), leave_out - (full - per_group_correction), controlled=True)
+    return Jackknifed(value - float(full), leave_out - (full - per_group_correction), controlled=True,
+                      correction=correction)
 
 
 def jackknife_se(columns: Tensor, group: Tensor, statistic: Statistic) -> float:
@@ -183,7 +186,7 @@ CONTROL_FAMILIES = ((0, 1, 2), (3, 4, 5, 6, 7))
 STEP_FREE_CONTROLS = (3, 4, 5, 6)
 
 
-def control_corrections(columns: Tensor, dense: Tensor, num_groups: int, statistic: Statistic,
+def control_corrections(columns: Tensor, per_group: Tensor, dense: Tensor, statistic: Statistic,
                         controls: Tensor, families: Sequence[Sequence[int]] = CONTROL_FAMILIES) -> Tensor | None:
     r"""Per-sequence corrections β_(−g(i))·u_i of a cross-fitted control variate (docs/method.md §5).
 
@@ -203,6 +206,7 @@ def control_corrections(columns: Tensor, dense: Tensor, num_groups: int, statist
     None (no correction) when no feature set beats none, with fewer than ``MIN_CONTROL_GROUPS``
     groups or too few sequences per coefficient, or with non-finite terms (e.g. all SNIS weights 0).
     """
+    num_groups = per_group.shape[0]  # ``per_group``: the column sums of each group [G, K]
     u = _f64(controls)
     scale = u.square().mean(0).sqrt()
     usable = torch.isfinite(scale) & (scale > 0)
@@ -210,7 +214,6 @@ def control_corrections(columns: Tensor, dense: Tensor, num_groups: int, statist
         return None
     u = torch.where(usable, u / torch.where(usable, scale, 1.0), 0.0)
     # ψ for group g's fit is linearised at the sums without g, so β_(−g) owes nothing to group g.
-    per_group = torch.zeros(num_groups, columns.shape[1], dtype=torch.float64).index_add_(0, dense, columns)
     with torch.enable_grad():
         leave_out = (columns.sum(0) - per_group).requires_grad_(True)
         (gradients,) = torch.autograd.grad(statistic(leave_out).sum(), leave_out)
@@ -347,17 +350,21 @@ def shift_columns(weights: Tensor, integrand: Tensor, integrand_origin: Tensor, 
 
 
 def measured_shift(weights: Tensor, integrand: Tensor, integrand_origin: Tensor, norm: Tensor,
-                   group: Tensor, base: Tensor | None = None, controls: Tensor | None = None) -> ShiftTerms:
+                   group: Tensor, base: Tensor | None = None, controls: Tensor | None = None,
+                   entropy_before: float | None = None) -> ShiftTerms:
     """ΔH(s) = Σ w f(θ_s) / Σ w c − Σ b f(θ₀) / Σ b c, with ESS = (Σw)² / Σw² / N.
 
-    With ``controls``, ΔH(s) and Ĥ(θ₀) are each corrected by their control variates and
-    Ĥ(θ₀ + sΔθ) is reported as their sum, so that after − before = ΔH still holds.
+    With ``controls`` ΔH(s) is corrected by its control variates, and Ĥ(θ₀ + sΔθ) is
+    ``entropy_before`` (Ĥ(θ₀) as reported, corrected by its own) plus the corrected ΔH(s), so
+    that after − before = ΔH still holds.
     """
     columns = shift_columns(weights, integrand, integrand_origin, norm, base)
     shift = jackknifed(columns, group, _delta, _controls(controls, base))
     after = float(_ratio(columns.sum(0)))
     if shift.controlled:
-        after = shift.value + entropy_at_origin(integrand_origin, norm, group, base, controls).value
+        if entropy_before is None:
+            entropy_before = entropy_at_origin(integrand_origin, norm, group, base, controls).value
+        after = entropy_before + shift.value
     return ShiftTerms(after, shift, ess_fraction(weights))
 
 
@@ -430,9 +437,8 @@ def taylor_terms(integrand: Tensor, norm: Tensor, d_log_prob: Tensor, d_integran
     g = float(_ratio(sums))
     per_sequence = weighted(((df + (f - g * c) * ds) / sums[1])[:, None], base)[:, 0]
     linear = jackknifed(first, group, _linear, u)
-    if linear.controlled:
-        dense, num_groups = group_index(group)
-        per_sequence = per_sequence - control_corrections(first, dense, num_groups, _linear, u)
+    if linear.correction is not None:
+        per_sequence = per_sequence - linear.correction
     terms = dict(entropy=entropy_at_origin(f, c, group, base, controls), linear=linear,
                  per_sequence_linear=per_sequence)
     if d2_log_prob is None:
