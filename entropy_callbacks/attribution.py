@@ -81,8 +81,8 @@ class GradientsOnE:
         """∇ Σ over microbatches of ``surrogate(index, S, f)`` (index: the rows of E in hand), over
         all of E, or over the sequences ``rows`` in one pass."""
         if rows is None:
-            pieces, starts = self.microbatches, torch.cumsum(torch.tensor([0] + [len(m) for m in self.microbatches]), 0)
-            indices = [torch.arange(int(starts[k]), int(starts[k + 1])) for k in range(len(pieces))]
+            pieces = self.microbatches
+            indices = torch.arange(len(self.batch)).split([len(m) for m in pieces])
         else:
             pieces, indices = [self.batch.select(rows)], [rows]
         out = {n: torch.zeros_like(self.leaves[n], dtype=torch.float64) for n in self.names}

@@ -30,7 +30,7 @@ from .reporting import (SMALL_G, JsonlFile, SeriesRuns, custom_scalars_layout, l
                         summary_table)
 from .sampling import DecodeOptions, ProbeBatch, SamplingConfig, check_sampling_inputs
 from .attribution import attribute_delta_h
-from .rollout_attribution import concatenated_losses, record_fields, supports_attribution
+from .rollout_attribution import concatenated_losses, record_fields, rollout_info, supports_attribution
 from .step_probe import DEFAULT_DEFENSIVE, ProbeOptions, ProbeRecord, StepProbe
 
 JSONL_NAME = "entropy_probe.jsonl"
@@ -352,10 +352,7 @@ class EntropyProbe(Callback):
             found = attribute_delta_h(self.policy, batch_e, before, self._probe_optimizer,
                                       concatenated_losses(module, self.policy, batches), normalize=o.normalize,
                                       estimator=o.estimator, microbatch_size=o.microbatch_size, precision=o.precision)
-            info = None
-            if callable(getattr(module, "entropy_probe_rollouts", None)):
-                parts = [module.entropy_probe_rollouts(batch) for batch in batches]
-                info = {key: [v for part in parts for v in part[key]] for key in parts[0]}
+            info = rollout_info(module, batches)
             for name, value in record_fields(found, info, record.lr, self.attribution_top_k).items():
                 setattr(record, name, value)
 

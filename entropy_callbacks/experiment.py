@@ -29,7 +29,7 @@ from .attribution import attribute_delta_h
 from .engine import (measure_delta_h, measurement_terms, predict_delta_h, prediction_terms, summarize_measurement,
                      summarize_prediction)
 from .rollout_attribution import (attribution_record, chosen_for_leave_one_out, fit_line, module_update_losses,
-                                  supports_attribution)
+                                  rollout_info, supports_attribution)
 from .precision import resolve_precision
 from .model_guard import preserved_rng
 from .policy import resolve_policy, sampling_mismatch, special_tokens
@@ -205,7 +205,7 @@ def run_trial(module, policy, optimizer, batch_e, experiment: ProbeExperiment, t
                                   normalize=experiment.normalize, estimator=experiment.estimator,
                                   microbatch_size=experiment.microbatch_size, precision=experiment.precision,
                                   standard_errors=experiment.attribution_se)
-        attribution = attribution_record(found, update, _decoder(module), experiment.attribution_top_k)
+        attribution = attribution_record(found, rollout_info(module, [update]), experiment.attribution_top_k)
     return {
         "trial": trial, "seed": seed, "loss": float(loss.detach()),
         "reward": float(stats.get("reward", math.nan)),
@@ -215,13 +215,6 @@ def run_trial(module, policy, optimizer, batch_e, experiment: ProbeExperiment, t
         "control_variates": measurement.control_variates,
         "loglog_slope": slope, "loglog_r2": r2, "per_scale": per_scale, "attribution": attribution,
     }
-
-
-def _decoder(module):
-    tokenizer = getattr(module, "tokenizer", None)
-    if tokenizer is None:
-        return lambda ids: " ".join(map(str, ids))
-    return lambda ids: tokenizer.decode(ids, skip_special_tokens=False)
 
 
 def leave_one_out(module, policy, optimizer, batch_e, experiment: ProbeExperiment, record: dict, restore) -> dict:

@@ -2,16 +2,15 @@
 
 A module opts in by defining ``entropy_probe_losses(U) -> Tensor[n]``: the per-rollout losses
 of its update batch, summing to the loss it trains on. This file turns those into the
-``update_losses`` of ``attribute_delta_h``, writes the per-rollout record (a_u with reward,
-advantage, length, and the decoded text of the largest |a_u|), and checks the attribution
-against leave-one-out: the step retaken without rollout u.
+``update_losses`` of ``attribute_delta_h`` and writes the per-rollout record (a_u, and what the
+module's optional ``entropy_probe_rollouts(U)`` says of each rollout: text, reward, advantage,
+log-prob, length); ``experiment.leave_one_out`` checks it against the step retaken without
+rollout u.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
-
 import torch
 
 from .attribution import UpdateLosses
@@ -34,36 +33,45 @@ def module_update_losses(module, policy: torch.nn.Module, update) -> UpdateLosse
     return losses
 
 
-def _rows(update) -> tuple[list[list[int]], list[float], list[float], list[int]]:
-    batch = update.batch
-    width = batch.prompt_length
-    tokens = [batch.input_ids[i, width:][batch.response_mask[i, width:]].tolist() for i in range(len(batch))]
-    rewards = getattr(update, "rewards", None)
-    advantages = getattr(update, "advantages", None)
-    as_list = lambda t: [math.nan] * len(tokens) if t is None else [float(x) for x in t]  # noqa: E731
-    return tokens, as_list(rewards), as_list(advantages), [len(t) for t in tokens]
+INFO = "entropy_probe_rollouts"  # optional: text, reward, advantage, log_prob, length per sample
 
 
-def attribution_record(attribution: Attribution, update, decode: Callable[[list[int]], str], top_k: int) -> dict:
+def rollout_info(module, batches: list) -> dict[str, list] | None:
+    """The module's ``entropy_probe_rollouts`` over the step's micro-batches, concatenated; None
+    when it has none."""
+    if not callable(getattr(module, INFO, None)):
+        return None
+    parts = [getattr(module, INFO)(batch) for batch in batches]
+    return {key: [v for part in parts for v in part[key]] for key in parts[0]}
+
+
+def top_rows(attribution: Attribution, info: dict[str, list] | None, top_k: int) -> list[dict]:
+    """The ``top_k`` samples by |a_u|, with a_u's SE and share, and what ``info`` says of each."""
+    a, se = attribution.per_sample.tolist(), attribution.per_sample_se
+    value = lambda name, u: info[name][u] if info is not None and name in info else None  # noqa: E731
+    order = sorted(range(len(a)), key=lambda u: -abs(a[u]))[:top_k]
+    return [{"rollout": u, "a": a[u], "a_se": math.nan if se is None else float(se[u]),
+             "share": a[u] / attribution.linear if attribution.linear else math.nan,
+             **{name: value(name, u) for name in ("text", "reward", "advantage", "length")}} for u in order]
+
+
+def attribution_record(attribution: Attribution, info: dict[str, list] | None, top_k: int) -> dict:
     """What results.json keeps of one trial's attribution."""
     out = {"linear": attribution.linear, "momentum": attribution.momentum,
            "weight_decay": attribution.weight_decay, "residual": attribution.residual,
            "clip_factor": attribution.clip_factor, "note": attribution.note}
     if attribution.per_sample is None:
         return out
-    tokens, rewards, advantages, lengths = _rows(update)
-    a = attribution.per_sample.tolist()
-    out["per_rollout"] = {"a": a, "reward": rewards, "advantage": advantages, "length": lengths}
+    per_rollout = {"a": attribution.per_sample.tolist()}
     if attribution.per_sample_jacobian is not None:
-        out["per_rollout"]["a_jacobian"] = attribution.per_sample_jacobian.tolist()
+        per_rollout["a_jacobian"] = attribution.per_sample_jacobian.tolist()
     if attribution.per_sample_se is not None:
-        out["per_rollout"]["a_se"] = attribution.per_sample_se.tolist()
-    order = sorted(range(len(a)), key=lambda u: -abs(a[u]))[:top_k]
-    se = attribution.per_sample_se
-    out["top"] = [{"rollout": u, "a": a[u], "a_se": math.nan if se is None else float(se[u]),
-                   "share": a[u] / attribution.linear if attribution.linear else math.nan,
-                   "reward": rewards[u], "advantage": advantages[u], "length": lengths[u],
-                   "text": decode(tokens[u])} for u in order]
+        per_rollout["a_se"] = attribution.per_sample_se.tolist()
+    for name in ("reward", "advantage", "length"):
+        if info is not None and name in info:
+            per_rollout[name] = info[name]
+    out["per_rollout"] = per_rollout
+    out["top"] = top_rows(attribution, info, top_k)
     return out
 
 
@@ -101,7 +109,7 @@ def cui_proxy(log_prob: list[float], advantage: list[float], lr: float) -> torch
 
 def record_fields(attribution: Attribution, info: dict | None, lr: float, top_k: int) -> dict:
     """The ProbeRecord fields of one step's attribution (``info``: the module's
-    ``entropy_probe_rollouts``, text/reward/advantage/log_prob per rollout, or None)."""
+    ``rollout_info``, or None)."""
     fields = {"attribution_linear": attribution.linear, "attribution_momentum": attribution.momentum,
               "attribution_weight_decay": attribution.weight_decay, "attribution_residual": attribution.residual}
     if attribution.per_sample is None:
@@ -110,10 +118,7 @@ def record_fields(attribution: Attribution, info: dict | None, lr: float, top_k:
     fields["rollout_a"] = a
     if attribution.per_sample_jacobian is not None:
         fields["rollout_a_jacobian"] = attribution.per_sample_jacobian.tolist()
-    order = sorted(range(len(a)), key=lambda u: -abs(a[u]))[:top_k]
-    value = lambda name, u: info[name][u] if info is not None and name in info else None  # noqa: E731
-    fields["top_rollouts"] = [{"rollout": u, "a": a[u], "text": value("text", u), "reward": value("reward", u),
-                               "advantage": value("advantage", u)} for u in order]
+    fields["top_rollouts"] = top_rows(attribution, info, top_k)
     if info is not None and "log_prob" in info and "advantage" in info and math.isfinite(lr):
         fields["cui_pearson"] = fit_line(cui_proxy(info["log_prob"], info["advantage"], lr).tolist(), a)["pearson_r"]
     return fields

@@ -201,9 +201,15 @@ class ProbeRecord:
         return {prefix + name: value for name, value in m.items()}
 
     def to_json(self) -> dict:
-        """A dict for strict JSON: NaN becomes None (null)."""
-        clean = lambda v: None if isinstance(v, float) and math.isnan(v) else v  # noqa: E731
-        return {k: [clean(x) for x in v] if isinstance(v, list) else clean(v) for k, v in asdict(self).items()}
+        """A dict for strict JSON: NaN becomes None (null), also inside lists and their dicts
+        (``top_rollouts``)."""
+        def clean(v):
+            if isinstance(v, float) and math.isnan(v):
+                return None
+            if isinstance(v, dict):
+                return {k: clean(x) for k, x in v.items()}
+            return [clean(x) for x in v] if isinstance(v, list) else v
+        return clean(asdict(self))
 
 
 def relative_weights(terms) -> torch.Tensor:

@@ -35,7 +35,11 @@ def fit(tmp_path, attribution: bool = True, steps: int = 3, accumulate: int = 1,
         if quiet:
             warnings.simplefilter("ignore")
         trainer.fit(module)
-    records = [json.loads(line) for line in (tmp_path / "version_0" / "entropy_probe.jsonl").read_text().splitlines()]
+    def reject(constant: str):
+        raise AssertionError(f"{constant} in the JSONL file: not strict JSON")
+
+    lines = (tmp_path / "version_0" / "entropy_probe.jsonl").read_text().splitlines()
+    records = [json.loads(line, parse_constant=reject) for line in lines]
     return module, records
 
 
@@ -52,6 +56,7 @@ def test_each_step_is_split_among_its_rollouts(tmp_path, accumulate):
         # the same linear prediction as the probe's (which adds control variates, hence not exact)
         assert record["attribution_linear"] == pytest.approx(record["delta_linear"], rel=0.3)
         assert len(record["top_rollouts"]) == 5 and all(isinstance(r["text"], str) for r in record["top_rollouts"])
+        assert all(r["a_se"] is None and r["length"] >= 1 for r in record["top_rollouts"])  # no SEs in the callback
         assert math.isfinite(record["cui_pearson"])
     from tensorboard.backend.event_processing import event_accumulator
 

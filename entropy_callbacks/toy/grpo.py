@@ -176,7 +176,7 @@ class GRPOModule(pl.LightningModule):
         return per_rollout / len(per_rollout)
 
     def entropy_probe_rollouts(self, batch) -> dict[str, list]:
-        """What the probe shows of each rollout: its text, reward, advantage and log q (at θ₀)."""
+        """What the probe shows of each rollout: its text, reward, advantage, log q (at θ₀) and length."""
         rollouts = self._rollouts_for(batch)
         probe = rollouts.batch
         width = probe.prompt_length
@@ -184,7 +184,7 @@ class GRPOModule(pl.LightningModule):
                  for i in range(len(probe))]
         log_prob = probe.sampler_log_probs.double().sum(-1)
         return {"text": texts, "reward": rollouts.rewards.tolist(), "advantage": rollouts.advantages.tolist(),
-                "log_prob": log_prob.tolist()}
+                "log_prob": log_prob.tolist(), "length": probe.response_lengths.tolist()}
 
     def _rollouts_for(self, batch) -> Rollouts:
         if isinstance(batch, Rollouts):
