@@ -153,8 +153,12 @@ def log_to_tensorboard(writer, prefix: str, record: ProbeRecord, batch_e, sample
         writer.add_text(f"{prefix}samples", samples_markdown(batch_e, record, samples, responses_per_prompt, decode),
                         record.step)
     if record.rollout_a and record.attribution_linear:
-        shares = torch.tensor(record.rollout_a, dtype=torch.float64) * (100 / abs(record.attribution_linear))
-        writer.add_histogram(f"{prefix}attribution/rollout_share_pct", shares, record.step)
+        # In % of Σ|a_u|, not of the linear prediction: GRPO's advantages cancel within each group,
+        # so the prediction can be a small remainder of large a_u (shares of ±40000 % of it seen).
+        a = torch.tensor(record.rollout_a, dtype=torch.float64)
+        if float(a.abs().sum()) > 0:  # all 0 when every advantage is 0
+            writer.add_histogram(f"{prefix}attribution/rollout_share_of_abs_pct", a * (100 / a.abs().sum()),
+                                 record.step)
         writer.add_text(f"{prefix}attribution/top_rollouts", top_rollouts_markdown(record), record.step)
 
 

@@ -65,7 +65,7 @@ def test_each_step_is_split_among_its_rollouts(tmp_path, accumulate):
     tags = events.Tags()
     assert {"entropy/attribution/momentum_share", "entropy/attribution/residual_share",
             "entropy/attribution/cui_pearson"} <= set(tags["scalars"])
-    assert "entropy/attribution/rollout_share_pct" in tags["histograms"]
+    assert "entropy/attribution/rollout_share_of_abs_pct" in tags["histograms"]
     assert any("attribution/top_rollouts" in tag for tag in tags["tensors"])
     # Adam's m_0 = 0: no momentum at the first step (to float32 rounding of m_1), some after
     assert abs(records[0]["attribution_momentum"]) <= 1e-6 * abs(records[0]["attribution_linear"])
