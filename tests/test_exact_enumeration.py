@@ -36,6 +36,8 @@ RESPONSES_PER_SLOT = 4
 # τ = 0.7 keeps ~3.5 of 6 tokens, and EOS ends 40-70 % of the responses before the 3rd token.
 MODEL_SEED, INIT_STD = 9, 0.3
 PROMPTS = [[4], [2, 3], [5, 3], [3, 2, 5]]  # different lengths: left padding is exercised
+# Every prompt of 1-3 ordinary tokens (84): a population where four draws rarely repeat a prompt.
+PROMPT_POOL = [list(p) for n in (1, 2, 3) for p in itertools.product(range(2, VOCAB), repeat=n)]
 CONFIGS = {
     "tau1": SamplingConfig(max_new_tokens=MAX_NEW, temperature=1.0),
     "tau0.7-top_p0.9": SamplingConfig(max_new_tokens=MAX_NEW, temperature=0.7, top_p=0.9),
@@ -94,8 +96,10 @@ def reference_log_q(logits: torch.Tensor, temperature: float, top_p: float, top_
     return z.masked_fill(~keep, -math.inf).log_softmax(-1), keep, margin
 
 
-def exact_population(model, params: dict, config: SamplingConfig, *, origin: dict | None = None) -> dict:
-    """Population values at θ = ``params`` by enumerating every response of every prompt.
+def exact_population(model, params: dict, config: SamplingConfig, *, origin: dict | None = None,
+                     prompts: list[list[int]] = PROMPTS) -> dict:
+    """Population values at θ = ``params`` by enumerating every response of every prompt (x
+    uniform among ``prompts``).
 
     Returns token/sequence entropies E_x E_y[Σ_k H_k] / E_x E_y[T] and E_x E_y[Σ_k H_k], the
     check value E_x E_y[−log q(y|x)], per-prompt total probability, the per-position supports
@@ -107,7 +111,7 @@ def exact_population(model, params: dict, config: SamplingConfig, *, origin: dic
     padded = torch.tensor([y + [PAD] * (MAX_NEW - len(y)) for y in RESPONSES])
     counted = torch.arange(MAX_NEW)[None] < lengths[:, None]
     sum_h, sum_t, nll, totals, probs, supports, reachable, margins, outside = ([] for _ in range(9))
-    for g, prompt in enumerate(PROMPTS):
+    for g, prompt in enumerate(prompts):
         ids = torch.cat([torch.tensor(prompt).expand(len(RESPONSES), -1), padded], 1)
         logits = functional_call(model, params, (), {"input_ids": ids, "use_cache": False}).logits
         logits = logits[:, len(prompt) - 1: len(prompt) - 1 + MAX_NEW].double()  # predict y_1..y_3
@@ -133,7 +137,8 @@ def exact_population(model, params: dict, config: SamplingConfig, *, origin: dic
     mean = lambda xs: torch.stack(xs).mean()  # noqa: E731  (x uniform among the prompts)
     result = dict(token=mean(sum_h) / mean(sum_t), sequence=mean(sum_h), nll=mean(nll), totals=totals,
                   expected_length=float(mean(sum_t).detach()), probs=probs, supports=supports, reachable=reachable,
-                  tie_margin=min(margins))
+                  tie_margin=min(margins),
+                  per_prompt=torch.stack([torch.stack(sum_h), torch.stack(sum_t)], 1).detach())  # [P, 2]
     if origin is not None:
         result["outside"] = float(mean(outside)) / origin["expected_length"]
     return result
@@ -181,17 +186,17 @@ def base(model):
 class Reference:
     """Exact values for one sampling configuration."""
 
-    def __init__(self, model, base: dict, config: SamplingConfig):
-        self.config = config
-        self.at_origin = exact_population(model, base, config)
-        self.direction = self._direction(model, base, config)
-        exact = lambda s: exact_population(model, shifted(base, self.direction, s), config)  # noqa: E731
+    def __init__(self, model, base: dict, config: SamplingConfig, prompts: list[list[int]] = PROMPTS):
+        self.config, self.prompts = config, prompts
+        self.at_origin = exact_population(model, base, config, prompts=prompts)
+        self.direction = self._direction(model, base, config, prompts)
+        exact = lambda s: exact_population(model, shifted(base, self.direction, s), config, prompts=prompts)  # noqa: E731
         with torch.no_grad():
             plus, minus = exact(FD_STEP), exact(-FD_STEP)
             plus2, minus2 = exact(2 * FD_STEP), exact(-2 * FD_STEP)
             self.small = exact(SMALL_STEP)
             self.large = exact_population(model, shifted(base, self.direction, LARGE_STEP), config,
-                                          origin=self.at_origin)
+                                          origin=self.at_origin, prompts=prompts)
         self.fd_supports_fixed = all(supports_equal(self.at_origin, e) for e in (plus, minus, plus2, minus2))
         self.value = {k: float(self.at_origin[k]) for k in NORMALIZATIONS}
         # Central finite differences of the exact population value at h and 2h (O(h²) error,
@@ -200,9 +205,13 @@ class Reference:
         self.derivative_2h = {k: float(plus2[k] - minus2[k]) / (4 * FD_STEP) for k in NORMALIZATIONS}
         self.derivative = {k: (4 * self.derivative_h[k] - self.derivative_2h[k]) / 3 for k in NORMALIZATIONS}
         self.delta_h = {k: float(self.small[k] - self.at_origin[k]) for k in NORMALIZATIONS}
+        # Per prompt x: E_y[Σ_k H_k] and E_y[T] at θ₀, at the small step, and their derivatives.
+        self.per_prompt = {"origin": self.at_origin["per_prompt"], "small": self.small["per_prompt"],
+                           "derivative": (8 * (plus["per_prompt"] - minus["per_prompt"])
+                                          - (plus2["per_prompt"] - minus2["per_prompt"])) / (12 * FD_STEP)}
 
     @staticmethod
-    def _direction(model, base: dict, config: SamplingConfig) -> dict:
+    def _direction(model, base: dict, config: SamplingConfig, prompts: list[list[int]]) -> dict:
         """A unit-norm Δθ over all trainable parameters: half random, half down the exact entropy
         gradient (so the derivative is many standard errors away from 0, and a sign or scale error
         in the prediction cannot hide), the PAD embedding row left at 0.
@@ -212,7 +221,7 @@ class Reference:
         (logit curvature ~1e5 along a unit step). A real optimizer step never moves it (its
         gradient is zero), so Δθ does not either."""
         point = {n: p.clone().requires_grad_(True) for n, p in base.items()}
-        grads = torch.autograd.grad(exact_population(model, point, config)["token"], list(point.values()))
+        grads = torch.autograd.grad(exact_population(model, point, config, prompts=prompts)["token"], list(point.values()))
         gen = torch.Generator().manual_seed(1234)
         noise = {n: torch.randn(p.shape, generator=gen, dtype=p.dtype) for n, p in base.items()}
         noise["model.embed_tokens.weight"][PAD] = 0.0
@@ -227,11 +236,15 @@ def references(model, base):
     return {name: Reference(model, base, config) for name, config in CONFIGS.items()}
 
 
-def draw_batch(model, config: SamplingConfig, seed: int, slots: int):
-    """``slots`` prompts drawn uniformly (own generator), R = 4 responses each: iid groups."""
-    gen = torch.Generator().manual_seed(seed)
-    chosen = torch.randint(len(PROMPTS), (slots,), generator=gen).tolist()
-    return sample_batch(model, [PROMPTS[j] for j in chosen], config, eos_token_id=EOS, pad_token_id=PAD,
+def chosen_prompts(seed: int, slots: int, population: int) -> list[int]:
+    """``slots`` prompt indices drawn uniformly with replacement (own generator)."""
+    return torch.randint(population, (slots,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def draw_batch(model, config: SamplingConfig, seed: int, slots: int, prompts: list[list[int]] = PROMPTS):
+    """``slots`` prompts drawn uniformly (``chosen_prompts``), R = 4 responses each: iid groups."""
+    chosen = chosen_prompts(seed, slots, len(prompts))
+    return sample_batch(model, [prompts[j] for j in chosen], config, eos_token_id=EOS, pad_token_id=PAD,
                         responses_per_prompt=RESPONSES_PER_SLOT, seed=seed)
 
 
@@ -263,6 +276,34 @@ def estimates(model, base: dict, reference: Reference, batch) -> dict:
             out[("delta_h" + suffix, norm)] = (meas.delta[0], meas.delta_se[0], reference.delta_h[norm])
             out[("controlled" + suffix, norm)] = (pred.control_variates, meas.control_variates)
         out[("outside_support", norm)] = meas.outside_support[0]
+    return out
+
+
+def oracle_estimates(reference: Reference, chosen: list[int]) -> dict:
+    """(estimate, SE, exact) from the *exact* per-prompt values of the drawn prompts: what the
+    estimators would report with infinitely many responses per prompt, with the same
+    leave-one-prompt-out jackknife written out here. Its t-band coverage is the best that any
+    SE from these G prompts can do: the shortfall of the prompt population itself."""
+    idx = torch.tensor(chosen)
+    origin, small, slope = (reference.per_prompt[k][idx] for k in ("origin", "small", "derivative"))
+
+    def stats(keep: torch.Tensor) -> dict:
+        a0, b0 = origin[keep].sum(0), small[keep].sum(0)
+        d, n = slope[keep].sum(0), int(keep.sum())
+        value = a0[0] / a0[1]
+        return {("entropy", "token"): value, ("entropy", "sequence"): a0[0] / n,
+                ("linear", "token"): (d[0] - value * d[1]) / a0[1], ("linear", "sequence"): d[0] / n,
+                ("delta_h", "token"): b0[0] / b0[1] - value, ("delta_h", "sequence"): (b0[0] - a0[0]) / n}
+
+    everything = torch.ones(len(chosen), dtype=torch.bool)
+    full = stats(everything)
+    left_out = [stats(everything.clone().index_fill_(0, torch.tensor([g]), False)) for g in range(len(chosen))]
+    out = {}
+    for key, value in full.items():
+        theta = torch.stack([row[key] for row in left_out])
+        se = math.sqrt((len(chosen) - 1) / len(chosen) * float((theta - theta.mean()).square().sum()))
+        exact = {"entropy": reference.value, "linear": reference.derivative, "delta_h": reference.delta_h}[key[0]]
+        out[key] = (float(value), se, exact[key[1]])
     return out
 
 
@@ -426,30 +467,45 @@ def test_large_step_flags_outside_support(model, base, references):
     assert meas.outside_support[0] == pytest.approx(ref.large["outside"], rel=0.2)
 
 
-SMALL_G_SEEDS = range(1000, 1200)  # 200 independent draws of E with G = 4 prompt groups (R = 4)
+SMALL_G_SEEDS = range(1000, 1400)  # 400 independent draws of E with G = 4 prompt groups (R = 4)
 
 
 @pytest.fixture(scope="module")
-def small_g(model, base, references):
-    name = "tau1"
-    return [estimates(model, base, references[name], draw_batch(model, CONFIGS[name], seed, 4))
+def small_g(model, base):
+    """Draws of four prompts from the 84-prompt pool: a population, like a user's, in which four
+    draws seldom repeat a prompt. (From the four-prompt population, 34 % of draws hold one or two
+    distinct prompts, where no SE can see the spread between prompts: over 2,000 draws the t band
+    covered 0.88 for token-normalised Ĥ, 0.08 when all four slots were one prompt.)"""
+    config = CONFIGS["tau1"]
+    reference = Reference(model, base, config, PROMPT_POOL)
+    ours = [estimates(model, base, reference, draw_batch(model, config, seed, 4, PROMPT_POOL))
             for seed in SMALL_G_SEEDS]
+    oracle = [oracle_estimates(reference, chosen_prompts(seed, 4, len(PROMPT_POOL))) for seed in SMALL_G_SEEDS]
+    return ours, oracle
+
+
+def coverage(rows: list, dof: int) -> tuple[float, float]:
+    """Fraction of (estimate, SE, exact) rows inside ± t_{0.975, dof}·SE and inside ± 1.96·SE."""
+    from entropy_callbacks.estimators import t_quantile
+
+    misses = torch.tensor([abs(value - exact) / se for value, se, exact in rows], dtype=torch.float64)
+    return float((misses <= t_quantile(dof)).double().mean()), float((misses <= 1.96).double().mean())
 
 
 @pytest.mark.parametrize("quantity", QUANTITIES)
 @pytest.mark.parametrize("norm", NORMALIZATIONS)
 def test_t_bands_cover_at_four_prompt_groups(small_g, quantity, norm):
-    """With G = 4 the jackknife SE has 3 degrees of freedom: ± t_{0.975, 3}·SE = ± 3.18·SE covers
-    the exact value far more often than ± 1.96·SE, though not always the nominal 95 %: over these
-    200 draws 0.88 (sequence-normalised g′ and ΔH) to 0.955, against 0.70–0.89 for ± 1.96·SE.
-    A 4-group jackknife is itself noisy and its t band only approximate; below 8 groups the probe
-    warns."""
-    from entropy_callbacks.estimators import t_quantile
+    """With G = 4 the jackknife SE has 3 degrees of freedom: ± t_{0.975, 3}·SE = ± 3.18·SE.
 
-    rows = [row[(quantity, norm)] for row in small_g]
-    misses = torch.tensor([abs(value - exact) / se for value, se, exact in rows], dtype=torch.float64)
-    covered = float((misses <= t_quantile(3)).double().mean())
-    normal = float((misses <= 1.96).double().mean())
-    print(f"G=4 {quantity} {norm}: t band covers {covered:.3f}, ±1.96 SE {normal:.3f}")
-    assert 0.85 <= covered <= 0.99, (covered, normal)
+    It must cover the exact value in 0.90-0.99 of the draws, except where the prompt population
+    itself forbids it: the per-prompt values of token-normalised g′ are skewed across prompts, and
+    a t band built from the *exact* per-prompt values of the same four prompts (the oracle: no
+    response noise at all) covers only 0.85-0.86. There ours must not fall more than 0.02 below
+    the oracle. Measured on these 400 draws: 0.88 (token g′ and ΔH; oracle 0.85) to 0.95, against
+    0.78-0.87 for ± 1.96·SE; on 1,000 other draws 0.89 (oracle 0.86) to 0.96."""
+    ours, oracle = small_g
+    covered, normal = coverage([row[(quantity, norm)] for row in ours], 3)
+    best, _ = coverage([row[(quantity, norm)] for row in oracle], 3)
+    print(f"G=4 {quantity} {norm}: t band covers {covered:.3f} (oracle {best:.3f}), ±1.96 SE {normal:.3f}")
+    assert min(0.90, best) - 0.02 <= covered <= 0.99, (covered, best, normal)
     assert covered - normal >= 0.03, (covered, normal)
