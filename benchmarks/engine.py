@@ -2,8 +2,10 @@
 
 Run:  .venv/bin/python benchmarks/engine.py [--repeats 15] [--device cpu|cuda] [--dtype float32] ...
 
-On a Llama-style model with random weights (default: hidden 256, 4 layers, vocab 512) and a
-batch E of 16 sequences x 64 sampled tokens, it times, side by side in one run:
+On a Llama-style model with random weights (default: hidden 256, 4 layers, vocab 512), or with
+``--preset qwen2.5-0.5b|qwen2.5-1.5b`` a Qwen2 of that real model's shape (vocab 151936; on a CPU
+add e.g. ``--layers 2 --tokens 32``), and a batch E of 16 sequences x 64 sampled tokens, it times,
+side by side in one run:
 
 - forward        one teacher-forced ``model(input_ids, attention_mask, position_ids,
                  use_cache=False)`` of E under ``torch.no_grad`` -- the unit of every ratio
@@ -11,7 +13,7 @@ batch E of 16 sequences x 64 sampled tokens, it times, side by side in one run:
 - one scale      ``measure_delta_h(scales=(1,))``: the theta0 pass plus one scaled pass
 - further scale  ``measure_delta_h(scales=(1, 2))`` minus ``measure_delta_h(scales=(1,))``
 - order 1        ``predict_delta_h(order=1)``: one JVP pass
-- order 2        ``predict_delta_h(order=2)``: one nested JVP pass
+- order 2        ``predict_delta_h(order=2)``: one Taylor-mode pass (``entropy_callbacks.taylor``)
 
 Repeats are interleaved: each repeat runs every operation once, in a rotated order, with a
 forward timed between consecutive operations, and every ratio is the median over repeats of
@@ -33,7 +35,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import check_run_arguments, add_model_arguments, add_run_arguments, prepare, random_llama, random_step, timer  # noqa: E402
+from harness import (PRESETS, add_model_arguments, add_run_arguments, check_run_arguments, prepare,  # noqa: E402
+                     random_llama, random_qwen2, random_step, timer)
 from entropy_callbacks import SamplingConfig, measure_delta_h, predict_delta_h, sample_batch  # noqa: E402
 
 TARGETS = {  # CPU targets, as multiples of one no-grad forward
@@ -49,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--repeats", type=int, default=15, help="interleaved timed repeats (after one warm-up)")
     add_model_arguments(p)
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="a real model's shape (Qwen2, vocab 151936) instead of the small Llama; --layers overrides its depth")
     p.add_argument("--seqs", type=int, default=16, help="sequences in E")
     p.add_argument("--tokens", type=int, default=64, help="response tokens per sequence (max_new_tokens)")
     p.add_argument("--prompt", type=int, default=16, help="prompt tokens per sequence")
@@ -64,6 +69,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
+    if args.preset is not None:
+        layers = args.layers if "--layers" in sys.argv else None
+        model = random_qwen2(args.preset, layers=layers, max_positions=args.prompt + args.tokens, seed=args.seed,
+                             device=args.device, dtype=args.dtype)
+        args.vocab = model.config.vocab_size - 1  # prompts below it, EOS (never drawn) at it
+        args.hidden, args.layers = model.config.hidden_size, model.config.num_hidden_layers
+        args.heads = model.config.num_attention_heads
+        return model
     return random_llama(vocab=args.vocab, hidden=args.hidden, layers=args.layers, heads=args.heads,
                         max_positions=args.prompt + args.tokens, seed=args.seed, device=args.device, dtype=args.dtype)
 
@@ -72,8 +85,7 @@ def draw_batch(model, args: argparse.Namespace, config: SamplingConfig):
     # Prompt ids avoid pad (0); lengths vary a little so left padding is exercised.
     prompts = [torch.randint(3, args.vocab, (args.prompt - (i % 3),), generator=gen).tolist()
                for i in range(args.seqs)]
-    # EOS = an id outside the vocabulary: it is never sampled, so every response is full length
-    # (exactly --tokens tokens) and every pass runs at the nominal shape.
+    # EOS = the id random_llama never samples: every response has exactly --tokens tokens.
     kwargs = dict(eos_token_id=[args.vocab], pad_token_id=0, seed=args.seed)
     return lambda: sample_batch(model, prompts, config, **kwargs)
 
@@ -109,7 +121,8 @@ def main(argv=None) -> int:
     }
 
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model     Llama, hidden {args.hidden}, {args.layers} layers, {args.heads} heads, vocab {args.vocab}, "
+    kind = f"Qwen2 ({args.preset} shape, {model.config.num_key_value_heads} KV heads)" if args.preset else "Llama"
+    print(f"model     {kind}, hidden {args.hidden}, {args.layers} layers, {args.heads} heads, vocab {args.vocab} + EOS, "
           f"{n_params / 1e6:.2f}M params, {args.dtype}, {args.device}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}")
     print(f"batch     {len(batch)} sequences x {batch.input_ids.shape[1]} columns (prompt width "

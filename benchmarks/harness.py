@@ -14,11 +14,15 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.
 
 def random_llama(*, vocab: int, hidden: int, layers: int, heads: int, max_positions: int, seed: int,
                  device: str = "cpu", dtype: str = "float32") -> torch.nn.Module:
-    """A Llama-style model with random weights (no download), in eval mode."""
+    """A Llama-style model with random weights (no download), in eval mode.
+
+    Its vocabulary has one id more than ``vocab``: id ``vocab`` is the EOS the benchmarks pass,
+    and its logit is lowered by 40 (a hook on the LM head), so it is never drawn (p ~ 1e-17)
+    and every response runs to full length: each pass runs at the nominal shape."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     config = LlamaConfig(
-        vocab_size=vocab,
+        vocab_size=vocab + 1,
         hidden_size=hidden,
         intermediate_size=688 if hidden == 256 else 4 * hidden,  # Llama's 8/3·h rounded: 688 for h=256
         num_hidden_layers=layers,
@@ -29,8 +33,45 @@ def random_llama(*, vocab: int, hidden: int, layers: int, heads: int, max_positi
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
-    return model.to(device=device, dtype=DTYPES[dtype]).eval()
+    model = AutoModelForCausalLM.from_config(config).to(device=device, dtype=DTYPES[dtype]).eval()
+    return _never_eos(model, vocab)
+
+
+# Shapes of real models (their config.json), for --preset: the same widths, heads, KV heads,
+# MLP and vocabulary, random weights. A --layers given on the command line overrides the depth
+# (a CPU run of the full 0.5B shape in float64 takes minutes per forward).
+PRESETS = {
+    "qwen2.5-0.5b": dict(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab=151936),
+    "qwen2.5-1.5b": dict(hidden=1536, layers=28, heads=12, kv_heads=2, intermediate=8960, vocab=151936),
+}
+
+
+def random_qwen2(preset: str, *, layers: int | None, max_positions: int, seed: int, device: str = "cpu",
+                 dtype: str = "float32") -> torch.nn.Module:
+    """A Qwen2 model (q/k/v biases, RMSNorm, SwiGLU, GQA, tied embeddings) of a preset's shape with
+    random weights, in eval mode. As in ``random_llama``, the last vocabulary id is an EOS that
+    is never drawn (its logit lowered by 40)."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    shape = PRESETS[preset]
+    config = Qwen2Config(
+        vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
+        num_hidden_layers=layers or shape["layers"], num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["kv_heads"], max_position_embeddings=max(128, max_positions),
+        bos_token_id=1, eos_token_id=shape["vocab"] - 1, pad_token_id=0, tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype]).eval()
+    return _never_eos(model, shape["vocab"] - 1)
+
+
+def _never_eos(model: torch.nn.Module, eos: int) -> torch.nn.Module:
+    head = model.get_output_embeddings()
+    never = torch.zeros(head.weight.shape[0], device=head.weight.device, dtype=head.weight.dtype)
+    never[eos] = -40.0
+    head.register_forward_hook(lambda module, inputs, logits: logits + never)
+    return model
 
 
 def random_step(model: torch.nn.Module, step_size: float, seed: int):

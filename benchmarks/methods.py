@@ -145,7 +145,7 @@ def prompts_for(args: argparse.Namespace, seed: int) -> list[list[int]]:
 
 
 def draw(model, args: argparse.Namespace, config: SamplingConfig, seed: int):
-    # EOS = an id outside the vocabulary: never sampled, so every response has --tokens tokens.
+    # EOS = the id random_llama never samples: every response has --tokens tokens.
     return sample_batch(model, prompts_for(args, seed), config, eos_token_id=[args.vocab], pad_token_id=0,
                         responses_per_prompt=args.responses, seed=seed)
 

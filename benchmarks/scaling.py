@@ -103,7 +103,7 @@ def build_model(args: argparse.Namespace) -> torch.nn.Module:
 def operations(model, args, prompts, seqs: int, tokens: int, base, delta) -> tuple[dict[str, Callable], object]:
     """The operations at one (E size, response length) point, and E (drawn once here)."""
     config = SamplingConfig(max_new_tokens=tokens)
-    # EOS = an id outside the vocabulary: never sampled, so every response has exactly `tokens` tokens.
+    # EOS = the id random_llama never samples: every response has exactly `tokens` tokens.
     sample = lambda: sample_batch(model, prompts[:seqs], config, eos_token_id=[args.vocab],  # noqa: E731
                                   pad_token_id=0, seed=args.seed)
     batch = sample()
