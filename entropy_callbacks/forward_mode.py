@@ -71,12 +71,11 @@ def math_attention(model: torch.nn.Module) -> Iterator[None]:
 
 @contextlib.contextmanager
 def forward_ad_ready(model: torch.nn.Module, order: int) -> Iterator[None]:
-    """Context for a JVP pass of the given order (1: single JVP, 2: nested JVP)."""
+    """Context for a derivative pass of the given order (1: dual tensors, 2: Taylor-mode jets or
+    nested JVPs, whose caller turns grad mode on for silu)."""
     with contextlib.ExitStack() as stack:
         stack.enter_context(math_attention(model))
+        stack.enter_context(torch.no_grad())
         if order >= 2:
             stack.enter_context(_exact_layer_norm())
-            stack.enter_context(torch.enable_grad())
-        else:
-            stack.enter_context(torch.no_grad())
         yield

@@ -6,13 +6,14 @@ For every sequence i of a (micro)batch this computes, at the θ given by a param
     f_i(θ) = Σ_k H(q_θ,ik)  ("rb")  or  −S_i(θ)  ("naive")
 
 in float64, and their first (and second) derivatives in s along θ₀ + sΔθ by forward-mode AD
-(dual tensors for order 1, nested ``torch.func.jvp`` for order 2); at θ₀ a derivative pass also
+(dual tensors for order 1, Taylor-mode jets for order 2: ``taylor``); at θ₀ a derivative pass also
 gives the score features of known mean 0 that serve as control variates (``score_controls``). Parameters are placed layer
 by layer in the pass's compute dtype (``layerwise``); the model's own are never touched.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -20,6 +21,8 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 from torch.func import jvp
+
+from .taylor import Jet, coefficients
 
 from .distribution import entropy, mass_outside, sampling_log_probs
 from .forward_mode import forward_ad_ready, math_attention
@@ -108,19 +111,34 @@ def _position_terms(model, batch: ProbeBatch, point: StepPoint, estimator: str, 
     # against a tie at the top-k/top-p boundary resolved differently by the sampler's numerics.
     # A proposal's token outside the support is not forced: its weight q_θ₀/p is then 0.
     logits = _logits(model, batch, point)
-    if vocab_float64:
-        logits = logits.to(torch.float64)
     force = targets if at_origin and batch.proposal_log_probs is None else None
-    log_q, support = sampling_log_probs(logits, batch.config, force=force)
-    token_log_prob = log_q.gather(-1, targets[..., None]).squeeze(-1).masked_fill(~counted, 0.0)
-    if estimator == "rb":
-        token_integrand = entropy(log_q, support).masked_fill(~counted, 0.0)
-    else:
-        token_integrand = -token_log_prob
-    outside = None
-    if reference_support is not None:
-        outside = mass_outside(log_q.detach(), reference_support).masked_fill(~counted, 0.0).double().sum(-1)
-    return token_log_prob, token_integrand, outside, (support if keep_support else None)
+    columns = []
+    for cols in _position_chunks(logits):
+        chunk = logits[:, cols]
+        if vocab_float64:
+            chunk = chunk.to(torch.float64)
+        log_q, support = sampling_log_probs(chunk, batch.config, force=None if force is None else force[:, cols])
+        token_log_prob = log_q.gather(-1, targets[:, cols, None]).squeeze(-1)
+        token_integrand = entropy(log_q, support) if estimator == "rb" else -token_log_prob
+        outside = (None if reference_support is None
+                   else mass_outside(log_q.detach(), reference_support[:, cols]))
+        columns.append((token_log_prob, token_integrand, outside, support if keep_support else None))
+    joined = [None if parts[0] is None else torch.cat(parts, 1) for parts in zip(*columns)]
+    token_log_prob, token_integrand = (t.masked_fill(~counted, 0.0) for t in joined[:2])
+    outside = None if joined[2] is None else joined[2].masked_fill(~counted, 0.0).double().sum(-1)
+    return token_log_prob, token_integrand, outside, joined[3]
+
+
+# Vocabulary-side work runs over response positions in chunks of at most this many
+# [position, vocabulary] entries, so that its temporaries (the float64 copy, log q, q, q·log q)
+# stay near one chunk each instead of several copies of [n, M, V] (docs/method.md §9).
+VOCAB_CHUNK = 1 << 24
+
+
+def _position_chunks(logits: Tensor) -> list[slice]:
+    n, positions, vocab = logits.shape
+    step = max(1, VOCAB_CHUNK // max(1, n * vocab))
+    return [slice(start, min(start + step, positions)) for start in range(0, positions, step)]
 
 
 def _sums(*per_position: Tensor) -> list[Tensor]:
@@ -145,15 +163,41 @@ def score_values(model, batch: ProbeBatch, point: StepPoint, estimator: str, *,
     return SequenceValues(*_sums(token_log_prob, token_integrand), outside, support)
 
 
+def _taylor(terms, point: StepPoint, delta: Mapping[str, Tensor], tangent) -> list[Tensor]:
+    """S, f, their first and their second derivatives in one Taylor-mode pass (``taylor``):
+    each moving parameter enters as the jet (θ₀ + sΔθ, Δθ, 0)."""
+
+    def jet(name: str, param: torch.nn.Parameter) -> Tensor:
+        value = point(name, param)
+        return Jet(value, tangent(name, value)) if name in delta else value
+
+    log_prob, integrand = terms(jet)
+    (s0, s1, s2), (f0, f1, f2) = coefficients(log_prob), coefficients(integrand)
+    zero = torch.zeros_like(s0)
+    return [s0, f0, zero if s1 is None else s1, zero if f1 is None else f1,
+            zero if s2 is None else s2, zero if f2 is None else f2]
+
+
+_warned_nested: set[str] = set()
+
+
+def _warn_nested(reason: str) -> None:
+    if reason not in _warned_nested:
+        _warned_nested.add(reason)
+        warnings.warn(f"{reason}. Falling back to nested forward-mode JVPs for order 2 (same numbers, "
+                      "about twice the cost).", RuntimeWarning, stacklevel=4)
+
+
 def score_derivatives(model, batch: ProbeBatch, base: Mapping[str, Tensor], delta: Mapping[str, Tensor],
                       dtype: torch.dtype | None, estimator: str, order: int, at: float = 0.0) -> SequenceDerivatives:
     """S, f at θ = θ₀ + at·Δθ and their first (order 1) or first and second (order 2)
     directional derivatives along Δθ there, computed in ``dtype``.
 
     The tangent Δθ enters in the compute dtype (in a parameter's own only when ``dtype`` is None). Order 1 makes
-    each moving parameter a dual tensor when its layer runs (``layerwise``); order 2 nests
-    ``torch.func.jvp`` over the moving parameters, which then exist in the compute dtype all at
-    once (a copy only where that differs from the parameter's dtype: e.g. LoRA adapters).
+    each moving parameter a dual tensor when its layer runs (``layerwise``); order 2 makes it a
+    Taylor-mode jet (``taylor``), placed the same way. A model with an operation that has no
+    Taylor rule falls back, with a warning, to nested ``torch.func.jvp`` over the moving
+    parameters, which then exist in the compute dtype all at once.
     """
     point = StepPoint(base, delta, float(at), dtype)
     params = dict(model.named_parameters())
@@ -188,6 +232,10 @@ def score_derivatives(model, batch: ProbeBatch, base: Mapping[str, Tensor], delt
                 log_prob, integrand = (fwAD.unpack_dual(t) for t in terms(dual))
             return result(log_prob.primal, integrand.primal, log_prob.tangent, integrand.tangent)
 
+        try:
+            return result(*_taylor(terms, point, delta, tangent))
+        except NotImplementedError as error:  # an operation without a Taylor rule: nested JVPs
+            _warn_nested(str(error))
         primal = {n: point(n, params[n]) for n in delta}
         direction = {n: tangent(n, primal[n]) for n in delta}
 
@@ -195,5 +243,6 @@ def score_derivatives(model, batch: ProbeBatch, base: Mapping[str, Tensor], delt
             values, firsts = jvp(lambda inner: terms(moving_or_point(inner)), (moving,), (direction,))
             return (*values, *firsts)
 
-        values, tangents = jvp(with_first, (primal,), (direction,))
+        with torch.enable_grad():  # silu's forward-AD rule needs it when nested (forward_mode)
+            values, tangents = jvp(with_first, (primal,), (direction,))
     return result(*(v.detach() for v in values), tangents[2].detach(), tangents[3].detach())

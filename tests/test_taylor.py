@@ -1,0 +1,178 @@
+"""Taylor-mode jets (entropy_callbacks/taylor.py) against nested forward-mode AD, in float64.
+
+Each rule is checked on its own against torch.func's nested ``jvp`` (an independent
+implementation of the same derivatives); whole models are checked the same way here, and
+against finite differences in ``test_finite_differences.py`` (order 2 runs on jets).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import jvp
+
+from entropy_callbacks import SamplingConfig, sample_batch, scoring, taylor
+from entropy_callbacks.taylor import Jet, coefficients
+from tiny_models import EOS, PAD, add_lora, float64_rmsnorm, tiny_model
+
+gen = torch.Generator().manual_seed(0)
+
+
+def rand(*shape, positive=False):
+    x = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    return x.abs() + 0.5 if positive else x
+
+
+def nested(f, x0: list, v: list):
+    """f(x0 + s v) and its first and second derivatives in s, by nested torch.func.jvp."""
+    first = lambda *x: jvp(f, tuple(x), tuple(v))  # noqa: E731
+    (value, d1), (_, d2) = jvp(first, tuple(x0), tuple(v))
+    return value, d1, d2
+
+
+def jets(f, x0: list, v: list):
+    with torch.no_grad():
+        out = f(*[Jet(x, t) for x, t in zip(x0, v)])
+    value, d1, d2 = coefficients(out)
+    zero = torch.zeros_like(value)  # None: identically zero
+    return value, zero if d1 is None else d1, zero if d2 is None else d2
+
+
+def softmax_masked(x):
+    return x.masked_fill(torch.arange(x.shape[-1]) == 2, float("-inf")).softmax(-1)
+
+
+def attention(q, k, v):
+    mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).tril()
+    mask[0] = False  # a fully masked row: _safe_softmax gives 0 there
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+UNARY = {
+    "exp": torch.exp, "log": lambda x: torch.log(x.abs() + 0.5), "rsqrt": lambda x: torch.rsqrt(x.square() + 1),
+    "sqrt": lambda x: torch.sqrt(x.square() + 1), "reciprocal": lambda x: 1 / (x.square() + 1),
+    "pow3": lambda x: x.pow(3), "tanh": torch.tanh, "sigmoid": torch.sigmoid, "silu": F.silu, "gelu": F.gelu,
+    "sin": torch.sin, "cos": torch.cos, "softmax": lambda x: x.softmax(-1), "log_softmax": lambda x: x.log_softmax(-1),
+    "masked softmax": softmax_masked, "clamp": lambda x: x.clamp(-0.5, 0.7) * x,
+    "sorted": lambda x: x.sort(-1).values.cumsum(-1) * x.sort(-1, descending=True).values,
+    "topk": lambda x: x.topk(2, dim=-1).values.exp(),
+    "where": lambda x: torch.where(x > 0, x.square(), 0.5) + x.masked_fill(x < -1, 3.0),
+    "structure": lambda x: torch.cat([x.t().reshape(-1), x[1:, ::2].flatten(), x.mean(0), x.sum().reshape(1)]).unsqueeze(0),
+    "layer norm (mean/rsqrt)": lambda x: (x - x.mean(-1, keepdim=True))
+    * torch.rsqrt((x - x.mean(-1, keepdim=True)).square().mean(-1, keepdim=True) + 1e-5),
+}
+
+BINARY = {
+    "mm": lambda a, b: a @ b, "mul": lambda a, b: a * b[0], "div": lambda a, b: a / (b[0].square() + 1),
+    "addmm": lambda a, b: torch.addmm(b[0], a, b, beta=0.5, alpha=2.0),
+    "sub/add": lambda a, b: (a - 2 * b[:, :4].T[:1]) + 1.0 - a.square(),
+}
+
+
+@pytest.mark.parametrize("name", list(UNARY))
+def test_pointwise_and_structural_rules(name):
+    f = UNARY[name]
+    x0, v = [rand(3, 4)], [rand(3, 4)]
+    for ours, reference in zip(jets(f, x0, v), nested(f, x0, v)):
+        assert torch.allclose(ours, reference, rtol=1e-12, atol=1e-12), name
+
+
+@pytest.mark.parametrize("name", list(BINARY))
+@pytest.mark.parametrize("moving", ["both", "left", "right"])
+def test_products(name, moving):
+    f = BINARY[name]
+    a0, b0 = rand(3, 4), rand(4, 4)
+    va, vb = rand(3, 4), rand(4, 4)
+    if moving == "left":
+        x0, v = [a0], [va]
+        g = lambda a: f(a, b0)  # noqa: E731
+    elif moving == "right":
+        x0, v = [b0], [vb]
+        g = lambda b: f(a0, b)  # noqa: E731
+    else:
+        x0, v, g = [a0, b0], [va, vb], f
+    for ours, reference in zip(jets(g, x0, v), nested(g, x0, v)):
+        assert torch.allclose(ours, reference, rtol=1e-12, atol=1e-12), (name, moving)
+
+
+def test_attention_math_kernel():
+    """SDPA's math kernel (bmm, _safe_softmax, a fully masked row) on jets."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    x0, v = [rand(2, 5, 4) for _ in range(3)], [rand(2, 5, 4) for _ in range(3)]
+    with sdpa_kernel([SDPBackend.MATH]):
+        for ours, reference in zip(jets(attention, x0, v), nested(attention, x0, v)):
+            assert torch.allclose(ours, reference, rtol=1e-12, atol=1e-12)
+
+
+def test_an_operation_without_a_rule_is_named():
+    with pytest.raises(NotImplementedError, match="aten.erfinv"):
+        torch.erfinv(Jet(rand(3), rand(3)))
+
+
+def _derivatives(model, batch, base, delta):
+    return scoring.score_derivatives(model, batch, base, delta, None, "rb", 2)
+
+
+def _nested_only(monkeypatch):
+    def refuse(*args):
+        raise NotImplementedError("forced")
+
+    monkeypatch.setattr(scoring, "_taylor", refuse)
+    monkeypatch.setattr(scoring, "_warned_nested", set())
+
+
+FIELDS = ("log_prob", "integrand", "d_log_prob", "d_integrand", "d2_log_prob", "d2_integrand")
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2"])
+@pytest.mark.parametrize("lora", [False, True])
+@pytest.mark.parametrize("truncated", [False, True])
+def test_models_match_nested_jvp(tmp_path, monkeypatch, arch, lora, truncated):
+    """A whole order-2 pass (LayerNorm or RMSNorm, LoRA, top-k/top-p support) gives nested
+    JVP's numbers to float64 rounding."""
+    config = (SamplingConfig(max_new_tokens=5, temperature=0.7, top_p=0.9, top_k=5) if truncated
+              else SamplingConfig(max_new_tokens=5))
+    with float64_rmsnorm():
+        model = tiny_model(arch, tmp_path, dtype=torch.float64)
+        if lora:
+            model = add_lora(model)
+        model.eval()
+        batch = sample_batch(model, [[3, 4], [5], [7, 8, 9]], config, eos_token_id=EOS, pad_token_id=PAD,
+                             responses_per_prompt=2, seed=0)
+        base = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        step = torch.Generator().manual_seed(1)
+        delta = {n: 0.1 * torch.randn(p.shape, generator=step, dtype=p.dtype) for n, p in base.items()}
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # no fallback: every op has a rule
+            ours = _derivatives(model, batch, base, delta)
+        _nested_only(monkeypatch)
+        with pytest.warns(RuntimeWarning, match="nested"):
+            reference = _derivatives(model, batch, base, delta)
+    for name in FIELDS:
+        a, b = getattr(ours, name), getattr(reference, name)
+        assert torch.allclose(a, b, rtol=1e-11, atol=1e-11 * float(b.abs().max())), (name, (a - b).abs().max())
+    assert float(reference.d2_integrand.abs().max()) > 1e-3  # the comparison is not of zeros
+
+
+def test_missing_rule_falls_back_to_nested_jvp(tmp_path, monkeypatch):
+    """A model with an operation Taylor mode cannot run still gets its second derivatives, by
+    nested JVPs, with a warning that names the operation."""
+    with float64_rmsnorm():
+        model = tiny_model("llama", tmp_path, dtype=torch.float64).eval()
+        batch = sample_batch(model, [[3, 4], [5]], SamplingConfig(max_new_tokens=4), eos_token_id=EOS,
+                             pad_token_id=PAD, responses_per_prompt=2, seed=0)
+        base = {n: p.detach().clone() for n, p in model.named_parameters()}
+        delta = {n: 0.1 * torch.randn_like(p) for n, p in base.items()}
+        ours = _derivatives(model, batch, base, delta)
+        rules = dict(taylor._RULES)
+        del rules[torch.ops.aten.silu.default]
+        monkeypatch.setattr(taylor, "_RULES", rules)
+        monkeypatch.setattr(scoring, "_warned_nested", set())
+        with pytest.warns(RuntimeWarning, match="aten.silu"):
+            fallback = _derivatives(model, batch, base, delta)
+    for name in FIELDS:
+        assert torch.allclose(getattr(ours, name), getattr(fallback, name), rtol=1e-11, atol=1e-12), name
