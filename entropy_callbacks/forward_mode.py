@@ -1,6 +1,7 @@
 """Making a Hugging Face model safe for forward-mode AD (JVPs), first and second order.
 
-Three facts about this stack (docs/method.md §9) are handled here, and only here:
+Three facts about this stack (docs/method.md §9) are handled here, and only here (Taylor-mode
+jets, ``taylor``, need only the first; the other two concern the nested-JVP fallback):
 
 - Fused attention kernels (CPU flash, CUDA flash/efficient, the flash-attn package) have no
   forward-AD rule: JVP passes run SDPA under the MATH backend, and a model configured for a
@@ -70,12 +71,15 @@ def math_attention(model: torch.nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def forward_ad_ready(model: torch.nn.Module, order: int) -> Iterator[None]:
-    """Context for a derivative pass of the given order (1: dual tensors, 2: Taylor-mode jets or
-    nested JVPs, whose caller turns grad mode on for silu)."""
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(math_attention(model))
-        stack.enter_context(torch.no_grad())
-        if order >= 2:
-            stack.enter_context(_exact_layer_norm())
+def forward_ad_ready(model: torch.nn.Module) -> Iterator[None]:
+    """Context for a derivative pass (Taylor-mode jets or torch's dual tensors)."""
+    with math_attention(model), torch.no_grad():
+        yield
+
+
+@contextlib.contextmanager
+def nested_jvp_ready() -> Iterator[None]:
+    """Inside ``forward_ad_ready``, what nested ``torch.func.jvp`` needs in addition: the exact
+    LayerNorm, and grad mode on for silu."""
+    with _exact_layer_norm(), torch.enable_grad():
         yield

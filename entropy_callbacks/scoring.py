@@ -22,10 +22,10 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 from torch.func import jvp
 
-from .taylor import Jet, coefficients
+from .taylor import Jet, coefficients, degree
 
 from .distribution import entropy, mass_outside, sampling_log_probs
-from .forward_mode import forward_ad_ready, math_attention
+from .forward_mode import forward_ad_ready, math_attention, nested_jvp_ready
 from .layerwise import parameters_at
 from .model_guard import forward_kwargs
 from .params import StepPoint
@@ -164,8 +164,8 @@ def score_values(model, batch: ProbeBatch, point: StepPoint, estimator: str, *,
 
 
 def _taylor(terms, point: StepPoint, delta: Mapping[str, Tensor], tangent) -> list[Tensor]:
-    """S, f, their first and their second derivatives in one Taylor-mode pass (``taylor``):
-    each moving parameter enters as the jet (θ₀ + sΔθ, Δθ, 0)."""
+    """S, f, their first and their second derivatives (zero above ``taylor.degree``) in one
+    Taylor-mode pass (``taylor``): each moving parameter enters as the jet (θ₀ + sΔθ, Δθ, 0)."""
 
     def jet(name: str, param: torch.nn.Parameter) -> Tensor:
         value = point(name, param)
@@ -178,14 +178,15 @@ def _taylor(terms, point: StepPoint, delta: Mapping[str, Tensor], tangent) -> li
             zero if s2 is None else s2, zero if f2 is None else f2]
 
 
-_warned_nested: set[str] = set()
+_warned_fallback: set[tuple[str, int]] = set()
 
 
-def _warn_nested(reason: str) -> None:
-    if reason not in _warned_nested:
-        _warned_nested.add(reason)
-        warnings.warn(f"{reason}. Falling back to nested forward-mode JVPs for order 2 (same numbers, "
-                      "about twice the cost).", RuntimeWarning, stacklevel=4)
+def _warn_fallback(reason: str, order: int) -> None:
+    if (reason, order) not in _warned_fallback:
+        _warned_fallback.add((reason, order))
+        how = ("nested forward-mode JVPs for order 2 (same numbers, about twice the cost)" if order == 2
+               else "torch's forward-mode dual tensors for order 1 (same numbers, about 15 % slower)")
+        warnings.warn(f"{reason}. Falling back to {how}.", RuntimeWarning, stacklevel=4)
 
 
 def score_derivatives(model, batch: ProbeBatch, base: Mapping[str, Tensor], delta: Mapping[str, Tensor],
@@ -193,11 +194,11 @@ def score_derivatives(model, batch: ProbeBatch, base: Mapping[str, Tensor], delt
     """S, f at θ = θ₀ + at·Δθ and their first (order 1) or first and second (order 2)
     directional derivatives along Δθ there, computed in ``dtype``.
 
-    The tangent Δθ enters in the compute dtype (in a parameter's own only when ``dtype`` is None). Order 1 makes
-    each moving parameter a dual tensor when its layer runs (``layerwise``); order 2 makes it a
-    Taylor-mode jet (``taylor``), placed the same way. A model with an operation that has no
-    Taylor rule falls back, with a warning, to nested ``torch.func.jvp`` over the moving
-    parameters, which then exist in the compute dtype all at once.
+    The tangent Δθ enters in the compute dtype (in a parameter's own only when ``dtype`` is None).
+    Each moving parameter becomes a Taylor-mode jet (``taylor``; a dual number at order 1) when its
+    layer runs (``layerwise``). A model with an operation that has no Taylor rule falls back, with
+    a warning, to torch's dual tensors (order 1) or nested ``torch.func.jvp`` over the moving
+    parameters (order 2), which then exist in the compute dtype all at once.
     """
     point = StepPoint(base, delta, float(at), dtype)
     params = dict(model.named_parameters())
@@ -221,9 +222,14 @@ def score_derivatives(model, batch: ProbeBatch, base: Mapping[str, Tensor], delt
     def tangent(name: str, like: Tensor) -> Tensor:
         return delta[name].detach().to(like.device, like.dtype)
 
-    with forward_ad_ready(model, order):
+    with forward_ad_ready(model):
+        try:
+            with degree(order):
+                per_position = _taylor(terms, point, delta, tangent)
+            return result(*per_position[:2 + 2 * order])
+        except NotImplementedError as error:  # an operation without a Taylor rule: torch's forward AD
+            _warn_fallback(str(error), order)
         if order == 1:
-            # Plain dual tensors: a few percent cheaper than torch.func.jvp (fewer matmuls).
             def dual(name: str, param: torch.nn.Parameter) -> Tensor:
                 value = point(name, param)
                 return fwAD.make_dual(value, tangent(name, value)) if name in delta else value
@@ -232,10 +238,6 @@ def score_derivatives(model, batch: ProbeBatch, base: Mapping[str, Tensor], delt
                 log_prob, integrand = (fwAD.unpack_dual(t) for t in terms(dual))
             return result(log_prob.primal, integrand.primal, log_prob.tangent, integrand.tangent)
 
-        try:
-            return result(*_taylor(terms, point, delta, tangent))
-        except NotImplementedError as error:  # an operation without a Taylor rule: nested JVPs
-            _warn_nested(str(error))
         primal = {n: point(n, params[n]) for n in delta}
         direction = {n: tangent(n, primal[n]) for n in delta}
 
@@ -243,6 +245,6 @@ def score_derivatives(model, batch: ProbeBatch, base: Mapping[str, Tensor], delt
             values, firsts = jvp(lambda inner: terms(moving_or_point(inner)), (moving,), (direction,))
             return (*values, *firsts)
 
-        with torch.enable_grad():  # silu's forward-AD rule needs it when nested (forward_mode)
+        with nested_jvp_ready():
             values, tangents = jvp(with_first, (primal,), (direction,))
     return result(*(v.detach() for v in values), tangents[2].detach(), tangents[3].detach())

@@ -22,14 +22,32 @@ decompositions) have a rule in ``_RULES``, and names the operation it has none f
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
 from torch.utils._pytree import tree_map
 
 aten = torch.ops.aten
+
+
+_degree = 2  # the highest derivative carried (``degree``)
+
+
+@contextlib.contextmanager
+def degree(highest: int) -> Iterator[None]:
+    """Carry derivatives up to ``highest`` (1 or 2) inside: at 1 a jet is a dual number (x, ẋ),
+    and no rule computes a second-derivative term."""
+    global _degree
+    if highest not in (1, 2):
+        raise ValueError(f"degree must be 1 or 2, got {highest!r}")
+    previous, _degree = _degree, highest
+    try:
+        yield
+    finally:
+        _degree = previous
 
 
 class Jet(Tensor):
@@ -58,7 +76,7 @@ class Jet(Tensor):
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         rule = _RULES.get(func) or _RULES.get(func.overloadpacket)
         if rule is None:
-            raise NotImplementedError(f"Taylor mode has no rule for {func}; order-2 derivatives of this model "
+            raise NotImplementedError(f"Taylor mode has no rule for {func}; this model's derivative passes "
                                       "need one in entropy_callbacks/taylor.py")
         return rule(func, *args, **(kwargs or {}))
 
@@ -178,7 +196,9 @@ def _mul(func, a, b):
     (a0, a1, a2), (b0, b1, b2) = coefficients(a), coefficients(b)
     value = a0 * b0
     first = _fma(None if a1 is None else a1 * b0, a0, b1)
-    second = _fma(_fma(None if a2 is None else a2 * b0, a0, b2), a1, b1, 2)
+    second = _fma(None if a2 is None else a2 * b0, a0, b2)
+    if _degree == 2:
+        second = _fma(second, a1, b1, 2)
     return _jet(value, None if first is None else _broadcast(first, value),
                 None if second is None else _broadcast(second, value))
 
@@ -204,7 +224,7 @@ def _matmul_derivatives(op: Callable[[Tensor, Tensor], Tensor], a, b) -> tuple[T
     (a0, a1, a2), (b0, b1, b2) = coefficients(a), coefficients(b)
     first = _add(None if a1 is None else op(a1, b0), None if b1 is None else op(a0, b1))
     second = None if a2 is None else op(a2, b0)
-    if a1 is not None and b1 is not None:
+    if a1 is not None and b1 is not None and _degree == 2:
         cross = op(a1, b1)
         second = cross.mul_(2) if second is None else second.add_(cross, alpha=2)
     if b2 is not None:
@@ -235,8 +255,9 @@ def _div(func, a, b):
     return _mul(aten.mul.Tensor, a, _pointwise_rule(torch.reciprocal, _reciprocal_d)(None, b))
 
 
-def _pointwise_rule(f: Callable[[Tensor], Tensor], derivatives: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]):
-    """f(x) with (f′, f″) = derivatives(x, f(x))."""
+def _pointwise_rule(f: Callable[[Tensor], Tensor],
+                    derivatives: Callable[..., tuple[Tensor, Callable[[], Tensor]]]):
+    """f(x) with (f′, a function giving f″) = derivatives(x, f(x)): f″ is computed only at degree 2."""
 
     def rule(func, x, *args, **kwargs):
         value, first, second = coefficients(x)
@@ -246,72 +267,76 @@ def _pointwise_rule(f: Callable[[Tensor], Tensor], derivatives: Callable[[Tensor
         d1, d2 = derivatives(value, out, *args, **kwargs)
         y1 = None if first is None else d1 * first
         y2 = None if second is None else d1 * second
-        if first is not None:
-            y2 = _fma(y2, d2 * first, first)
+        if first is not None and _degree == 2:
+            y2 = _fma(y2, d2() * first, first)
         return _jet(out, y1, y2)
 
     return rule
 
 
 def _reciprocal_d(x, y):
-    return -y.square(), 2 * y.square() * y
+    return -y.square(), lambda: 2 * y.square() * y
 
 
 def _exp_d(x, y):
-    return y, y
+    return y, lambda: y
 
 
 def _log_d(x, y):
     r = x.reciprocal()
-    return r, -r.square()
+    return r, lambda: -r.square()
 
 
 def _rsqrt_d(x, y):
     y3 = y.square() * y
-    return -0.5 * y3, 0.75 * y3 * y.square()
+    return -0.5 * y3, lambda: 0.75 * y3 * y.square()
 
 
 def _sqrt_d(x, y):
     r = y.reciprocal()
-    return 0.5 * r, -0.25 * r.square() * r
+    return 0.5 * r, lambda: -0.25 * r.square() * r
 
 
 def _pow_d(x, y, exponent):
-    return exponent * x.pow(exponent - 1), exponent * (exponent - 1) * x.pow(exponent - 2)
+    return exponent * x.pow(exponent - 1), lambda: exponent * (exponent - 1) * x.pow(exponent - 2)
+
+
+def _square_d(x, y):
+    return 2 * x, lambda: torch.full_like(x, 2.0)
 
 
 def _tanh_d(x, y):
     d1 = 1 - y.square()
-    return d1, -2 * y * d1
+    return d1, lambda: -2 * y * d1
 
 
 def _sigmoid_d(x, y):
     d1 = y * (1 - y)
-    return d1, d1 * (1 - 2 * y)
+    return d1, lambda: d1 * (1 - 2 * y)
 
 
 def _silu_d(x, y):
     s = torch.sigmoid(x)
-    return s * (1 + x * (1 - s)), s * (1 - s) * (2 + x * (1 - 2 * s))
+    return s * (1 + x * (1 - s)), lambda: s * (1 - s) * (2 + x * (1 - 2 * s))
 
 
 def _gelu_d(x, y, approximate="none"):
     if approximate != "none":
         raise NotImplementedError("Taylor mode: gelu(approximate='tanh') has no rule yet")
     pdf = torch.exp(-0.5 * x.square()) / math.sqrt(2 * math.pi)
-    return 0.5 * (1 + torch.erf(x / math.sqrt(2))) + x * pdf, pdf * (2 - x.square())
+    return 0.5 * (1 + torch.erf(x / math.sqrt(2))) + x * pdf, lambda: pdf * (2 - x.square())
 
 
 def _abs_d(x, y):
-    return torch.sign(x), torch.zeros_like(x)
+    return torch.sign(x), lambda: torch.zeros_like(x)
 
 
 def _sin_d(x, y):
-    return torch.cos(x), -y
+    return torch.cos(x), lambda: -y
 
 
 def _cos_d(x, y):
-    return -torch.sin(x), -y
+    return -torch.sin(x), lambda: -y
 
 
 def _softmax_family(log: bool):
@@ -324,13 +349,14 @@ def _softmax_family(log: bool):
         mean = lambda t: (p * t).sum(dim, keepdim=True)  # noqa: E731  (0·t where p = 0)
         l1 = None if first is None else first - mean(first)
         l2 = None if second is None else second - mean(second)
-        if l1 is not None:
+        if l1 is not None and _degree == 2:
             l2 = _add(l2, -mean(l1.square()))
         if log:
             return _jet(out, l1, l2)
         # a fully masked row of _safe_softmax: p = 0 and every coefficient 0
-        return _jet(out, None if l1 is None else p * l1,
-                    p * (_add(l2, None if l1 is None else l1.square())))
+        if l1 is not None and _degree == 2:
+            l2 = _add(l2, l1.square())
+        return _jet(out, None if l1 is None else p * l1, None if l2 is None else p * l2)
 
     return rule
 
@@ -357,6 +383,23 @@ def _sorted_values(func, x, *args, **kwargs):
         dim = args[0] if args else kwargs.get("dim", -1)
     pick = lambda t: None if t is None else t.gather(dim, indices)  # noqa: E731
     return _jet(values, pick(first), pick(second)), indices
+
+
+def _native_layer_norm(func, x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """The value from the kernel itself (bitwise a forward's), its derivatives from the same
+    function written with mean/rsqrt, run on jets by the rules above."""
+    value, mean, rstd = func(*_nth((x, normalized_shape, weight, bias, eps), 0))
+    if not any(isinstance(t, Jet) for t in (x, weight, bias)):
+        return value, mean, rstd
+    dims = tuple(range(-len(normalized_shape), 0))
+    centred = x - x.mean(dims, keepdim=True)
+    through = centred * torch.rsqrt(centred.square().mean(dims, keepdim=True) + eps)
+    if weight is not None:
+        through = through * weight
+    if bias is not None:
+        through = through + bias
+    _, first, second = coefficients(through)
+    return _jet(value, first, second), mean, rstd
 
 
 def _local_scalar(func, x):
@@ -417,6 +460,7 @@ _RULES.update({
     aten.sqrt.default: _pointwise_rule(torch.sqrt, _sqrt_d),
     aten.reciprocal.default: _pointwise_rule(torch.reciprocal, _reciprocal_d),
     aten.pow.Tensor_Scalar: _pointwise_rule(None, _pow_d),
+    aten.square.default: _pointwise_rule(torch.square, _square_d),
     aten.tanh.default: _pointwise_rule(torch.tanh, _tanh_d),
     aten.sigmoid.default: _pointwise_rule(torch.sigmoid, _sigmoid_d),
     aten.silu.default: _pointwise_rule(torch.nn.functional.silu, _silu_d),
@@ -432,6 +476,7 @@ _RULES.update({
     aten.sort.stable: _sorted_values,
     aten.topk.default: _sorted_values,
     aten._local_scalar_dense.default: _local_scalar,
+    aten.native_layer_norm.default: _native_layer_norm,
 })
 _RULES.update({
     aten.add_.Tensor: _in_place(aten.add.Tensor),

@@ -108,13 +108,27 @@ def test_attention_math_kernel():
             assert torch.allclose(ours, reference, rtol=1e-12, atol=1e-12)
 
 
+def test_native_layer_norm():
+    """F.layer_norm on jets: the value bitwise the kernel's, the derivatives those of the
+    mean/rsqrt form (nested jvp through F.layer_norm itself is wrong at order 2, PyTorch #196700)."""
+    def exact(x, w, b):
+        centred = x - x.mean(-1, keepdim=True)
+        return centred * torch.rsqrt(centred.square().mean(-1, keepdim=True) + 1e-5) * w + b
+
+    x0, v = [rand(3, 4), rand(4), rand(4)], [rand(3, 4), rand(4), rand(4)]
+    ours = jets(lambda x, w, b: F.layer_norm(x, (4,), w, b), x0, v)
+    assert torch.equal(ours[0], F.layer_norm(x0[0], (4,), x0[1], x0[2]))
+    for mine, reference in zip(ours[1:], nested(exact, x0, v)[1:]):
+        assert torch.allclose(mine, reference, rtol=1e-12, atol=1e-12)
+
+
 def test_an_operation_without_a_rule_is_named():
     with pytest.raises(NotImplementedError, match="aten.erfinv"):
         torch.erfinv(Jet(rand(3), rand(3)))
 
 
-def _derivatives(model, batch, base, delta):
-    return scoring.score_derivatives(model, batch, base, delta, None, "rb", 2)
+def _derivatives(model, batch, base, delta, order=2):
+    return scoring.score_derivatives(model, batch, base, delta, None, "rb", order)
 
 
 def _nested_only(monkeypatch):
@@ -122,7 +136,7 @@ def _nested_only(monkeypatch):
         raise NotImplementedError("forced")
 
     monkeypatch.setattr(scoring, "_taylor", refuse)
-    monkeypatch.setattr(scoring, "_warned_nested", set())
+    monkeypatch.setattr(scoring, "_warned_fallback", set())
 
 
 FIELDS = ("log_prob", "integrand", "d_log_prob", "d_integrand", "d2_log_prob", "d2_integrand")
@@ -131,9 +145,10 @@ FIELDS = ("log_prob", "integrand", "d_log_prob", "d_integrand", "d2_log_prob", "
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2"])
 @pytest.mark.parametrize("lora", [False, True])
 @pytest.mark.parametrize("truncated", [False, True])
-def test_models_match_nested_jvp(tmp_path, monkeypatch, arch, lora, truncated):
-    """A whole order-2 pass (LayerNorm or RMSNorm, LoRA, top-k/top-p support) gives nested
-    JVP's numbers to float64 rounding."""
+@pytest.mark.parametrize("order", [1, 2])
+def test_models_match_torch_forward_ad(tmp_path, monkeypatch, arch, lora, truncated, order):
+    """A whole pass on jets (LayerNorm or RMSNorm, LoRA, top-k/top-p support) gives the numbers
+    of torch's own forward AD to float64 rounding: dual tensors at order 1, nested JVPs at order 2."""
     config = (SamplingConfig(max_new_tokens=5, temperature=0.7, top_p=0.9, top_k=5) if truncated
               else SamplingConfig(max_new_tokens=5))
     with float64_rmsnorm():
@@ -148,14 +163,17 @@ def test_models_match_nested_jvp(tmp_path, monkeypatch, arch, lora, truncated):
         delta = {n: 0.1 * torch.randn(p.shape, generator=step, dtype=p.dtype) for n, p in base.items()}
         with warnings.catch_warnings():
             warnings.simplefilter("error", RuntimeWarning)  # no fallback: every op has a rule
-            ours = _derivatives(model, batch, base, delta)
+            ours = _derivatives(model, batch, base, delta, order)
         _nested_only(monkeypatch)
-        with pytest.warns(RuntimeWarning, match="nested"):
-            reference = _derivatives(model, batch, base, delta)
-    for name in FIELDS:
+        with pytest.warns(RuntimeWarning, match="nested" if order == 2 else "dual tensors"):
+            reference = _derivatives(model, batch, base, delta, order)
+    for name in FIELDS[:2 + 2 * order]:
         a, b = getattr(ours, name), getattr(reference, name)
         assert torch.allclose(a, b, rtol=1e-11, atol=1e-11 * float(b.abs().max())), (name, (a - b).abs().max())
-    assert float(reference.d2_integrand.abs().max()) > 1e-3  # the comparison is not of zeros
+    last = reference.d2_integrand if order == 2 else reference.d_integrand
+    assert float(last.abs().max()) > 1e-3  # the comparison is not of zeros
+    if order == 1:
+        assert ours.d2_log_prob is None and ours.d2_integrand is None
 
 
 def test_missing_rule_falls_back_to_nested_jvp(tmp_path, monkeypatch):
@@ -171,7 +189,7 @@ def test_missing_rule_falls_back_to_nested_jvp(tmp_path, monkeypatch):
         rules = dict(taylor._RULES)
         del rules[torch.ops.aten.silu.default]
         monkeypatch.setattr(taylor, "_RULES", rules)
-        monkeypatch.setattr(scoring, "_warned_nested", set())
+        monkeypatch.setattr(scoring, "_warned_fallback", set())
         with pytest.warns(RuntimeWarning, match="aten.silu"):
             fallback = _derivatives(model, batch, base, delta)
     for name in FIELDS:
