@@ -158,8 +158,8 @@ def measurement_terms(model, batch: ProbeBatch, base: Mapping[str, Tensor], delt
     ``precision.values`` (θ₀'s top-k/top-p support is kept only for the microbatch in hand), and
     the θ₀ pass in a partner precision for the rounding floor.
 
-    ``origin``: a prediction on the same batch and estimator. At order 1 in the model's own
-    dtypes its primal S_i, f_i at θ₀ are bitwise those of a plain θ₀ pass and replace that pass (unless
+    ``origin``: a prediction on the same batch and estimator. In the model's own dtypes its
+    primal S_i, f_i at θ₀ are bitwise those of a plain θ₀ pass and replace that pass (unless
     top-k/top-p needs θ₀'s support); run in another precision than the value passes, it is the
     partner pass. (Under a precision policy value passes take the vocabulary side in float64 and
     derivative passes do not, so a float32 prediction is never the float32 θ₀ pass.)
@@ -170,9 +170,9 @@ def measurement_terms(model, batch: ProbeBatch, base: Mapping[str, Tensor], delt
     unit = unit_roundoff(rounds_in)
     points = [StepPoint(base, delta, s, dtype) for s in scales]
     truncates = batch.config.truncates
-    # Order-2 passes compute LayerNorm as mean/rsqrt (forward_mode), which rounds differently.
-    same_function = (origin is not None and dtype is None and origin.d2_log_prob is None
-                     and origin.roundoff == unit)
+    # Jets compute values with a forward's own kernels (taylor), so a derivative pass's θ₀ values
+    # are bitwise a value pass's when both run in the model's dtypes.
+    same_function = origin is not None and dtype is None and origin.roundoff == unit
     reuse = same_function and not truncates
     partner = origin if origin is not None and origin.roundoff != unit else None
     partner_roundoff = unit_roundoff(partner_dtype(rounds_in)) if partner is None else partner.roundoff

@@ -20,7 +20,7 @@ from tiny_models import EOS, PAD, tiny_model
 @pytest.mark.parametrize("precision", ["auto", "float32", "model"])
 @pytest.mark.parametrize("order", [1, 2])
 def test_step_probe_record_equals_the_public_functions(tmp_path, sampling, microbatch_size, precision, order):
-    model = tiny_model("gpt2", tmp_path)  # LayerNorm: order 2 computes it as mean/rsqrt
+    model = tiny_model("gpt2", tmp_path)  # LayerNorm: its jet rule must keep the kernel's values
     options = ProbeOptions(sampling=sampling, responses_per_prompt=3, order=order, scales=(1.0, 2.0),
                            microbatch_size=microbatch_size, precision=precision)
     core = StepProbe(options, [[2, 3, 4], [2, 5], [6, 7, 8, 9]], eos_token_id=EOS, pad_token_id=PAD)
