@@ -30,6 +30,8 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_map
 
+from .forward_mode import layer_norm_exact
+
 aten = torch.ops.aten
 
 
@@ -391,13 +393,7 @@ def _native_layer_norm(func, x, normalized_shape, weight=None, bias=None, eps=1e
     value, mean, rstd = func(*_nth((x, normalized_shape, weight, bias, eps), 0))
     if not any(isinstance(t, Jet) for t in (x, weight, bias)):
         return value, mean, rstd
-    dims = tuple(range(-len(normalized_shape), 0))
-    centred = x - x.mean(dims, keepdim=True)
-    through = centred * torch.rsqrt(centred.square().mean(dims, keepdim=True) + eps)
-    if weight is not None:
-        through = through * weight
-    if bias is not None:
-        through = through + bias
+    through = layer_norm_exact(x, normalized_shape, weight, bias, eps)
     _, first, second = coefficients(through)
     return _jet(value, first, second), mean, rstd
 
