@@ -257,9 +257,10 @@ def _div(func, a, b):
     return _mul(aten.mul.Tensor, a, _pointwise_rule(torch.reciprocal, _reciprocal_d)(None, b))
 
 
-def _pointwise_rule(f: Callable[[Tensor], Tensor],
-                    derivatives: Callable[..., tuple[Tensor, Callable[[], Tensor]]]):
-    """f(x) with (f′, a function giving f″) = derivatives(x, f(x)): f″ is computed only at degree 2."""
+def _pointwise_rule(f: Callable[[Tensor], Tensor], derivatives: Callable[..., tuple]):
+    """f(x) with (f′, a function giving f″) = derivatives(x, f(x)): f″ is computed only at
+    degree 2. f′ may also be given as the map t ↦ f′(x)·t, where torch has it as one fused
+    kernel (the *_backward ops)."""
 
     def rule(func, x, *args, **kwargs):
         value, first, second = coefficients(x)
@@ -267,8 +268,9 @@ def _pointwise_rule(f: Callable[[Tensor], Tensor],
         if first is None and second is None:
             return out
         d1, d2 = derivatives(value, out, *args, **kwargs)
-        y1 = None if first is None else d1 * first
-        y2 = None if second is None else d1 * second
+        times = d1 if callable(d1) else d1.mul
+        y1 = None if first is None else times(first)
+        y2 = None if second is None else times(second)
         if first is not None and _degree == 2:
             y2 = _fma(y2, d2() * first, first)
         return _jet(out, y1, y2)
@@ -308,18 +310,19 @@ def _square_d(x, y):
 
 
 def _tanh_d(x, y):
-    d1 = 1 - y.square()
-    return d1, lambda: -2 * y * d1
+    return lambda t: aten.tanh_backward(t, y), lambda: -2 * y * (1 - y.square())
 
 
 def _sigmoid_d(x, y):
-    d1 = y * (1 - y)
-    return d1, lambda: d1 * (1 - 2 * y)
+    return lambda t: aten.sigmoid_backward(t, y), lambda: y * (1 - y) * (1 - 2 * y)
 
 
 def _silu_d(x, y):
-    s = torch.sigmoid(x)
-    return s * (1 + x * (1 - s)), lambda: s * (1 - s) * (2 + x * (1 - 2 * s))
+    def second():
+        s = torch.sigmoid(x)
+        return s * (1 - s) * (2 + x * (1 - 2 * s))
+
+    return lambda t: aten.silu_backward(t, x), second
 
 
 def _gelu_d(x, y, approximate="none"):
