@@ -98,9 +98,10 @@ class StepPoint:
         moves = step is not None and self.scale != 0.0
         if self.dtype is not None:
             value = origin.to(param.device, self.dtype)
-            return value + self.scale * step.detach().to(param.device, self.dtype) if moves else value
+            # one fused kernel for θ₀ + s·Δθ, not a product and a sum (two passes over every weight)
+            return torch.add(value, step.detach().to(param.device, self.dtype), alpha=self.scale) if moves else value
         if not moves:
             return origin.to(param.device)
         wide = torch.promote_types(param.dtype, torch.float32)
-        value = origin.to(param.device, wide) + self.scale * step.detach().to(param.device, wide)
+        value = torch.add(origin.to(param.device, wide), step.detach().to(param.device, wide), alpha=self.scale)
         return value.to(param.dtype)
