@@ -50,8 +50,30 @@ def units(model: torch.nn.Module) -> list[torch.nn.Module]:
     return found
 
 
+class Placement:
+    """What ``parameters_at`` yields: ``held(unit)`` keeps one unit's parameters placed across
+    several calls (the LM head applied chunk by chunk), instead of placing them at every call."""
+
+    def __init__(self, place, restore, unit_ids: set[int]):
+        self._place, self._restore, self._unit_ids = place, restore, unit_ids
+        self.held_units: set[int] = set()
+
+    @contextlib.contextmanager
+    def held(self, unit: torch.nn.Module) -> Iterator[None]:
+        if id(unit) not in self._unit_ids or id(unit) in self.held_units:
+            yield  # not a unit of its own (or held already): placed at each call as usual
+            return
+        self._place(unit, ())
+        self.held_units.add(id(unit))
+        try:
+            yield
+        finally:
+            self.held_units.discard(id(unit))
+            self._restore(unit, (), None)
+
+
 @contextlib.contextmanager
-def parameters_at(model: torch.nn.Module, value_of: ValueOf) -> Iterator[None]:
+def parameters_at(model: torch.nn.Module, value_of: ValueOf) -> Iterator[Placement]:
     """Inside, every forward of ``model`` sees ``value_of(name, p)`` in place of each parameter p
     (computed unit by unit); on exit the model holds its own parameters again, also after an
     exception."""
@@ -74,17 +96,20 @@ def parameters_at(model: torch.nn.Module, value_of: ValueOf) -> Iterator[None]:
             module._parameters[local] = value_of(canonical[id(original)], original)
 
     def restore(unit, args, output):
+        if id(unit) in placement.held_units:
+            return
         for module, local in unit_slots[id(unit)]:
             entry = placed.pop((id(module), local), None)
             if entry is not None:
                 module._parameters[local] = entry[2]
 
+    placement = Placement(place, restore, {id(u) for u in blocks})
     handles = []
     try:
         for unit in blocks:
             handles.append(unit.register_forward_pre_hook(place))
             handles.append(unit.register_forward_hook(restore, always_call=True))
-        yield
+        yield placement
     finally:
         for handle in handles:
             handle.remove()

@@ -43,6 +43,15 @@ def forward_kwargs(model: torch.nn.Module, input_ids: Tensor, attention_mask: Te
     return kwargs
 
 
+def decoder_kwargs(decoder: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> dict:
+    """Keyword arguments for the decoder under a causal LM's head (``get_decoder()``), with
+    explicit positions where it takes them."""
+    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if "position_ids" in _forward_parameters(type(decoder)):
+        kwargs["position_ids"] = position_ids
+    return kwargs
+
+
 def cache_kwargs(model: torch.nn.Module, cache) -> dict:
     """The KV cache argument under the name this transformers version uses (``cache`` from 5.x
     on, ``past_key_values`` before)."""

@@ -13,9 +13,11 @@ by layer in the pass's compute dtype (``layerwise``); the model's own are never 
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+import weakref
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Iterator, Mapping
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -27,7 +29,7 @@ from .taylor import Jet, coefficients, degree
 from .distribution import entropy, mass_outside, sampling_log_probs
 from .forward_mode import forward_ad_ready, math_attention, nested_jvp_ready
 from .layerwise import parameters_at
-from .model_guard import forward_kwargs
+from .model_guard import decoder_kwargs, forward_kwargs, hf_model
 from .params import StepPoint
 from .sampling import ProbeBatch
 
@@ -88,16 +90,59 @@ def score_controls(token_log_prob: Tensor, token_integrand: Tensor, d_token_log_
     return torch.stack(features, -1)
 
 
-def _logits(model: torch.nn.Module, batch: ProbeBatch, point: StepPoint) -> Tensor:
-    """Logits predicting every response column: [n, M, V] for columns P..L-1."""
-    width = batch.prompt_length
-    steps = batch.input_ids.shape[1] - width
+@contextlib.contextmanager
+def _response_logits(model: torch.nn.Module, batch: ProbeBatch, point: StepPoint
+                     ) -> Iterator[Callable[[slice], Tensor]]:
+    """Yields logits_for(cols): the logits predicting response columns ``cols`` (of P..L-1),
+    [n, len(cols), V], with the model at θ = ``point``.
+
+    Where the model's logits are its LM head applied to its decoder's last hidden state
+    (``_separable_head``), the decoder runs once and the head runs per chunk of positions, with
+    its parameters placed once: no [n, M, V] tensor exists, in any stream of a jet. Otherwise
+    the model's own forward computes every position's logits at once."""
+    steps = batch.input_ids.shape[1] - batch.prompt_length
     position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
-    kwargs = forward_kwargs(model, batch.input_ids, batch.attention_mask, position_ids, keep_last=steps + 1)
-    with parameters_at(model, point):
-        logits = model(**kwargs, use_cache=False).logits
-    # Either the last steps+1 positions (logits_to_keep) or all of them: align on the end.
-    return logits[:, -(steps + 1):-1]
+    parts = _separable_head(model, batch)
+    with parameters_at(model, point) as placement:
+        if parts is None:
+            kwargs = forward_kwargs(model, batch.input_ids, batch.attention_mask, position_ids, keep_last=steps + 1)
+            # Either the last steps+1 positions (logits_to_keep) or all of them: align on the end.
+            logits = model(**kwargs, use_cache=False).logits[:, -(steps + 1):-1]
+            yield lambda cols: logits[:, cols]
+            return
+        decoder, head = parts
+        hidden = decoder(**decoder_kwargs(decoder, batch.input_ids, batch.attention_mask, position_ids),
+                         use_cache=False).last_hidden_state[:, -(steps + 1):-1]
+        with placement.held(head):
+            yield lambda cols: head(hidden[:, cols])
+
+
+_separable: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _separable_head(model: torch.nn.Module, batch: ProbeBatch):
+    """(decoder, LM head) when the model's logits are exactly head(decoder(x).last_hidden_state)
+    — checked once per model on the first sequence of E, bitwise — else None (a model that
+    scales or caps its logits after the head keeps its own forward)."""
+    if model not in _separable:
+        inner = hf_model(model)
+        get_decoder = getattr(inner, "get_decoder", None)
+        decoder, head = (get_decoder() if callable(get_decoder) else None), model.get_output_embeddings()
+        found = None
+        if decoder is not None and head is not None and decoder is not inner:
+            ids, mask = batch.input_ids[:1], batch.attention_mask[:1]
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            with torch.no_grad():
+                try:
+                    own = model(**forward_kwargs(model, ids, mask, positions), use_cache=False).logits
+                    split = head(decoder(**decoder_kwargs(decoder, ids, mask, positions),
+                                         use_cache=False).last_hidden_state)
+                    if own.shape == split.shape and torch.equal(own, split):
+                        found = (decoder, head)
+                except (TypeError, AttributeError, ValueError):  # a decoder with another interface
+                    pass
+        _separable[model] = found
+    return _separable[model]
 
 
 def _position_terms(model, batch: ProbeBatch, point: StepPoint, estimator: str, *,
@@ -110,33 +155,39 @@ def _position_terms(model, batch: ProbeBatch, point: StepPoint, estimator: str, 
     # At θ₀ a token our sampler drew is in the support by construction; forcing it in guards
     # against a tie at the top-k/top-p boundary resolved differently by the sampler's numerics.
     # A proposal's token outside the support is not forced: its weight q_θ₀/p is then 0.
-    logits = _logits(model, batch, point)
     force = targets if at_origin and batch.proposal_log_probs is None else None
     columns = []
-    for cols in _position_chunks(logits):
-        chunk = logits[:, cols]
-        if vocab_float64:
-            chunk = chunk.to(torch.float64)
-        log_q, support = sampling_log_probs(chunk, batch.config, force=None if force is None else force[:, cols])
-        token_log_prob = log_q.gather(-1, targets[:, cols, None]).squeeze(-1)
-        token_integrand = entropy(log_q, support) if estimator == "rb" else -token_log_prob
-        outside = (None if reference_support is None
-                   else mass_outside(log_q.detach(), reference_support[:, cols]))
-        columns.append((token_log_prob, token_integrand, outside, support if keep_support else None))
+    with _response_logits(model, batch, point) as logits_for:
+        for cols in _position_chunks(len(batch), targets.shape[1], _vocab_size(model)):
+            chunk = logits_for(cols)
+            if vocab_float64:
+                chunk = chunk.to(torch.float64)
+            log_q, support = sampling_log_probs(chunk, batch.config, force=None if force is None else force[:, cols])
+            token_log_prob = log_q.gather(-1, targets[:, cols, None]).squeeze(-1)
+            token_integrand = entropy(log_q, support) if estimator == "rb" else -token_log_prob
+            outside = (None if reference_support is None
+                       else mass_outside(log_q.detach(), reference_support[:, cols]))
+            columns.append((token_log_prob, token_integrand, outside, support if keep_support else None))
     joined = [None if parts[0] is None else torch.cat(parts, 1) for parts in zip(*columns)]
     token_log_prob, token_integrand = (t.masked_fill(~counted, 0.0) for t in joined[:2])
     outside = None if joined[2] is None else joined[2].masked_fill(~counted, 0.0).double().sum(-1)
     return token_log_prob, token_integrand, outside, joined[3]
 
 
-# Vocabulary-side work runs over response positions in chunks of at most this many
-# [position, vocabulary] entries, so that its temporaries (the float64 copy, log q, q, q·log q)
-# stay near one chunk each instead of several copies of [n, M, V] (docs/method.md §9).
+# The LM head and the vocabulary-side work run over response positions in chunks of at most
+# this many [position, vocabulary] entries, so that the logits and their temporaries (the
+# float64 copy, log q, q, q·log q, in every stream of a jet) stay near one chunk each instead of
+# several copies of [n, M, V] (docs/method.md §9).
 VOCAB_CHUNK = 1 << 24
 
 
-def _position_chunks(logits: Tensor) -> list[slice]:
-    n, positions, vocab = logits.shape
+def _vocab_size(model: torch.nn.Module) -> int:
+    head = model.get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    return int(weight.shape[0]) if weight is not None else int(hf_model(model).config.vocab_size)
+
+
+def _position_chunks(n: int, positions: int, vocab: int) -> list[slice]:
     step = max(1, VOCAB_CHUNK // max(1, n * vocab))
     return [slice(start, min(start + step, positions)) for start in range(0, positions, step)]
 

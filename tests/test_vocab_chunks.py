@@ -1,6 +1,8 @@
-"""The vocabulary side runs over response positions in chunks (scoring.VOCAB_CHUNK); the chunk
-size must not change a number, in values or derivatives of either order, with or without a
-top-k/top-p support."""
+"""The LM head and the vocabulary side run over response positions in chunks
+(scoring.VOCAB_CHUNK). The chunk size must not change a number beyond the last bits of the head's
+matrix product (BLAS may sum a row differently in a smaller product), in values or derivatives
+of either order, with or without a top-k/top-p support; and the model's own forward and the
+split decoder + head give the same logits."""
 
 from __future__ import annotations
 
@@ -34,8 +36,43 @@ def test_chunked_vocabulary_side_changes_nothing(tmp_path, monkeypatch, truncate
         return out + ([values.support, shifted.outside_mass] if truncated else [])
 
     whole = everything()
-    assert len(scoring._position_chunks(torch.empty(len(batch), 6, VOCAB))) == 1
+    assert len(scoring._position_chunks(len(batch), 6, VOCAB)) == 1
     monkeypatch.setattr(scoring, "VOCAB_CHUNK", 2 * len(batch) * VOCAB)  # 2 positions per chunk
-    assert len(scoring._position_chunks(torch.empty(len(batch), 6, VOCAB))) == 3
+    assert len(scoring._position_chunks(len(batch), 6, VOCAB)) == 3
     for a, b in zip(whole, everything()):
-        assert torch.equal(a, b)
+        if a.dtype == torch.bool:
+            assert torch.equal(a, b)
+        else:
+            assert torch.allclose(a, b, rtol=1e-13, atol=1e-13 * float(a.abs().max())), (a - b).abs().max()
+
+
+def test_split_head_is_used_only_where_it_is_the_models_own(tmp_path):
+    """A model whose logits are its head on its decoder's output is split; one that changes its
+    logits after the head (here: a soft cap, as Gemma 2 does) keeps its own forward."""
+    model = tiny_model("llama", tmp_path, dtype=torch.float64).eval()
+    batch = sample_batch(model, [[3, 4], [5]], SamplingConfig(max_new_tokens=4), eos_token_id=EOS,
+                         pad_token_id=PAD, responses_per_prompt=2, seed=0)
+    assert scoring._separable_head(model, batch) is not None
+    capped = tiny_model("llama", tmp_path / "capped", dtype=torch.float64).eval()
+    original = type(capped).forward
+
+    def forward(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        out.logits = 10 * torch.tanh(out.logits / 10)
+        return out
+
+    type(capped).forward = forward
+    try:
+        assert scoring._separable_head(capped, batch) is None
+        base = {n: p.detach().clone() for n, p in capped.named_parameters()}
+        values = scoring.score_values(capped, batch, StepPoint(base, {}, 0.0, None), "rb", at_origin=True)
+        with torch.no_grad():
+            logits = capped(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                            position_ids=(batch.attention_mask.cumsum(-1) - 1).clamp(min=0)).logits
+        log_q = logits[:, batch.prompt_length - 1:-1].log_softmax(-1)
+        targets = batch.input_ids[:, batch.prompt_length:]
+        counted = batch.response_mask[:, batch.prompt_length:]
+        expected = (log_q.gather(-1, targets[..., None]).squeeze(-1) * counted).sum(-1)
+        assert torch.allclose(values.log_prob, expected, rtol=1e-12)
+    finally:
+        type(capped).forward = original
