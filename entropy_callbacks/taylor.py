@@ -121,6 +121,8 @@ def _detach(func, x):
 
 def _structural(func, x, *args, **kwargs):
     """Linear in its first argument, the rest are structure (shapes, dims, indices, dtypes)."""
+    if any(isinstance(t, Jet) for t in torch.utils._pytree.tree_leaves((args, kwargs))):
+        raise NotImplementedError(f"Taylor mode: {func} with a moving argument after the first")
     value, first, second = coefficients(x)
     out = func(value, *args, **kwargs)
     firsts = None if first is None else func(first, *args, **kwargs)
@@ -188,9 +190,11 @@ def _where(func, condition, a, b):
 
 
 def _masked_fill(func, x, mask, fill):
+    if isinstance(fill, Jet):
+        raise NotImplementedError(f"Taylor mode: {func} with a moving fill value")
     value, first, second = coefficients(x)
     zero = lambda t: None if t is None else t.masked_fill(mask, 0.0)  # noqa: E731
-    return _jet(value.masked_fill(mask, coefficients(fill)[0]), zero(first), zero(second))
+    return _jet(value.masked_fill(mask, fill), zero(first), zero(second))
 
 
 def _mul(func, a, b):
@@ -252,9 +256,11 @@ def _addmm(func, bias, a, b, *, beta=1, alpha=1):
 
 
 def _div(func, a, b):
+    """a / b: the value by the division itself (bitwise a forward's), the derivatives as a · (1/b)."""
     if not isinstance(b, Jet):
         return _structural(func, a, b)
-    return _mul(aten.mul.Tensor, a, _pointwise_rule(torch.reciprocal, _reciprocal_d)(None, b))
+    _, first, second = coefficients(_mul(aten.mul.Tensor, a, _pointwise_rule(torch.reciprocal, _reciprocal_d)(None, b)))
+    return _jet(func(coefficients(a)[0], coefficients(b)[0]), first, second)
 
 
 def _pointwise_rule(f: Callable[[Tensor], Tensor], derivatives: Callable[..., tuple]):
