@@ -12,8 +12,10 @@ side by side in one run:
 - sampling       ``sample_batch`` drawing E (no target)
 - one scale      ``measure_delta_h(scales=(1,))``: the theta0 pass plus one scaled pass
 - further scale  ``measure_delta_h(scales=(1, 2))`` minus ``measure_delta_h(scales=(1,))``
-- order 1        ``predict_delta_h(order=1)``: one JVP pass
+- order 1        ``predict_delta_h(order=1)``: one pass on jets cut at degree 1 (dual numbers)
 - order 2        ``predict_delta_h(order=2)``: one Taylor-mode pass (``entropy_callbacks.taylor``)
+- with ``--compare-engines`` also both orders on torch's own forward AD (dual tensors, nested
+  jvp), for the side-by-side the jets have to win (on a GPU: kernel launches and Python dispatch)
 
 Repeats are interleaved: each repeat runs every operation once, in a rotated order, with a
 forward timed between consecutive operations, and every ratio is the median over repeats of
@@ -38,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import (PRESETS, add_model_arguments, add_run_arguments, check_run_arguments, prepare,  # noqa: E402
                      random_llama, random_qwen2, random_step, timer)
 from entropy_callbacks import SamplingConfig, measure_delta_h, predict_delta_h, sample_batch  # noqa: E402
+from entropy_callbacks.scoring import torch_forward_ad  # noqa: E402
 
 TARGETS = {  # CPU targets with --dtype float64 (the precision policy then has nothing to do), × one forward
     "one scale": 2.2,
@@ -54,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_model_arguments(p)
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="a real model's shape (Qwen2, vocab 151936) instead of the small Llama; --layers overrides its depth")
+    p.add_argument("--compare-engines", action="store_true",
+                   help="also time both orders on torch's own forward AD (dual tensors, nested jvp) instead of jets")
     p.add_argument("--seqs", type=int, default=16, help="sequences in E")
     p.add_argument("--tokens", type=int, default=64, help="response tokens per sequence (max_new_tokens)")
     p.add_argument("--prompt", type=int, default=16, help="prompt tokens per sequence")
@@ -90,6 +95,11 @@ def draw_batch(model, args: argparse.Namespace, config: SamplingConfig):
     return lambda: sample_batch(model, prompts, config, **kwargs)
 
 
+def on_torch_ad(run: Callable[[], object]) -> object:
+    with torch_forward_ad():
+        return run()
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     exit_code = prepare(args.threads, args.device)
@@ -119,6 +129,9 @@ def main(argv=None) -> int:
         "order 1": lambda: predict_delta_h(model, batch, base, delta, order=1),
         "order 2": lambda: predict_delta_h(model, batch, base, delta, order=2),
     }
+    if args.compare_engines:
+        ops["order 1, torch AD"] = lambda: on_torch_ad(lambda: predict_delta_h(model, batch, base, delta, order=1))
+        ops["order 2, torch AD"] = lambda: on_torch_ad(lambda: predict_delta_h(model, batch, base, delta, order=2))
 
     n_params = sum(p.numel() for p in model.parameters())
     kind = f"Qwen2 ({args.preset} shape, {model.config.num_key_value_heads} KV heads)" if args.preset else "Llama"
@@ -140,6 +153,8 @@ def main(argv=None) -> int:
     # from repeat to repeat); each unit's unit of cost is the mean of the two forwards around it.
     # The two measurements stay adjacent (order alternating) so their difference sees the same load.
     units = [("sampling",), ("measure (1,)", "measure (1,2)"), ("order 1",), ("order 2",)]
+    if args.compare_engines:
+        units += [("order 1, torch AD",), ("order 2, torch AD",)]
     times: dict[str, list[float]] = {n: [] for n in ops}
     unit_of: dict[str, list[float]] = {n: [] for n in ops}
     for r in range(args.repeats):
@@ -166,6 +181,9 @@ def main(argv=None) -> int:
         ("order-1 prediction", times["order 1"], unit_of["order 1"], "order 1"),
         ("order-2 prediction", times["order 2"], unit_of["order 2"], "order 2"),
     ]
+    if args.compare_engines:
+        rows += [("order 1, dual tensors", times["order 1, torch AD"], unit_of["order 1, torch AD"], None),
+                 ("order 2, nested jvp", times["order 2, torch AD"], unit_of["order 2, torch AD"], None)]
     fastest = {"forward (no grad)": min(fwd), "each further scale": min(times["measure (1,2)"]) - min(times["measure (1,)"])}
     med = statistics.median
     print()

@@ -230,6 +230,21 @@ def _taylor(terms, point: StepPoint, delta: Mapping[str, Tensor], tangent) -> li
 
 
 _warned_fallback: set[tuple[str, int]] = set()
+_jets = True  # derivative passes on Taylor-mode jets (``torch_forward_ad`` turns them off)
+
+
+@contextlib.contextmanager
+def torch_forward_ad() -> Iterator[None]:
+    """Inside, derivative passes run on torch's own forward AD (dual tensors at order 1, nested
+    ``torch.func.jvp`` at order 2) instead of jets: the same numbers to rounding, at nested JVP's
+    cost for order 2. For comparing the two (``benchmarks/engine.py --compare-engines``), and as
+    an escape hatch should a model run into trouble on jets."""
+    global _jets
+    previous, _jets = _jets, False
+    try:
+        yield
+    finally:
+        _jets = previous
 
 
 def _warn_fallback(reason: str, order: int) -> None:
@@ -274,12 +289,13 @@ def score_derivatives(model, batch: ProbeBatch, base: Mapping[str, Tensor], delt
         return delta[name].detach().to(like.device, like.dtype)
 
     with forward_ad_ready(model):
-        try:
-            with degree(order):
-                per_position = _taylor(terms, point, delta, tangent)
-            return result(*per_position[:2 + 2 * order])
-        except NotImplementedError as error:  # an operation without a Taylor rule: torch's forward AD
-            _warn_fallback(str(error), order)
+        if _jets:
+            try:
+                with degree(order):
+                    per_position = _taylor(terms, point, delta, tangent)
+                return result(*per_position[:2 + 2 * order])
+            except NotImplementedError as error:  # an operation without a Taylor rule: torch's forward AD
+                _warn_fallback(str(error), order)
         if order == 1:
             def dual(name: str, param: torch.nn.Parameter) -> Tensor:
                 value = point(name, param)

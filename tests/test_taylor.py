@@ -198,3 +198,22 @@ def test_missing_rule_falls_back_to_nested_jvp(tmp_path, monkeypatch):
             fallback = _derivatives(model, batch, base, delta)
     for name in FIELDS:
         assert torch.allclose(getattr(ours, name), getattr(fallback, name), rtol=1e-11, atol=1e-12), name
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_torch_forward_ad_switch(tmp_path, monkeypatch, order):
+    """``scoring.torch_forward_ad()`` runs derivative passes without jets (not one rule is
+    consulted, and nothing warns), with the same numbers."""
+    with float64_rmsnorm():
+        model = tiny_model("qwen2", tmp_path, dtype=torch.float64).eval()
+        batch = sample_batch(model, [[3, 4], [5]], SamplingConfig(max_new_tokens=4), eos_token_id=EOS,
+                             pad_token_id=PAD, responses_per_prompt=2, seed=0)
+        base = {n: p.detach().clone() for n, p in model.named_parameters()}
+        delta = {n: 0.1 * torch.randn_like(p) for n, p in base.items()}
+        ours = _derivatives(model, batch, base, delta, order)
+        monkeypatch.setattr(taylor, "_RULES", {})  # a jet anywhere would now fail
+        with scoring.torch_forward_ad(), warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            reference = _derivatives(model, batch, base, delta, order)
+    for name in FIELDS[:2 + 2 * order]:
+        assert torch.allclose(getattr(ours, name), getattr(reference, name), rtol=1e-11, atol=1e-12), name
