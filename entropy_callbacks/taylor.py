@@ -259,18 +259,18 @@ def _div(func, a, b):
     """a / b: the value by the division itself (bitwise a forward's), the derivatives as a · (1/b)."""
     if not isinstance(b, Jet):
         return _structural(func, a, b)
-    _, first, second = coefficients(_mul(aten.mul.Tensor, a, _pointwise_rule(torch.reciprocal, _reciprocal_d)(None, b)))
+    _, first, second = coefficients(_mul(aten.mul.Tensor, a, _pointwise_rule(_reciprocal_d)(aten.reciprocal.default, b)))
     return _jet(func(coefficients(a)[0], coefficients(b)[0]), first, second)
 
 
-def _pointwise_rule(f: Callable[[Tensor], Tensor], derivatives: Callable[..., tuple]):
-    """f(x) with (f′, a function giving f″) = derivatives(x, f(x)): f″ is computed only at
-    degree 2. f′ may also be given as the map t ↦ f′(x)·t, where torch has it as one fused
-    kernel (the *_backward ops)."""
+def _pointwise_rule(derivatives: Callable[..., tuple]):
+    """f(x) (the dispatched op) with (f′, a function giving f″) = derivatives(x, f(x)): f″ is
+    computed only at degree 2. f′ may also be given as the map t ↦ f′(x)·t, where torch has it
+    as one fused kernel (the *_backward ops)."""
 
     def rule(func, x, *args, **kwargs):
         value, first, second = coefficients(x)
-        out = f(value) if func is None else func(value, *args, **kwargs)
+        out = func(value, *args, **kwargs)
         if first is None and second is None:
             return out
         d1, d2 = derivatives(value, out, *args, **kwargs)
@@ -459,20 +459,20 @@ _RULES.update({
     aten.mm.default: _matmul(torch.mm),
     aten.bmm.default: _matmul(torch.bmm),
     aten.addmm.default: _addmm,
-    aten.exp.default: _pointwise_rule(torch.exp, _exp_d),
-    aten.log.default: _pointwise_rule(torch.log, _log_d),
-    aten.rsqrt.default: _pointwise_rule(torch.rsqrt, _rsqrt_d),
-    aten.sqrt.default: _pointwise_rule(torch.sqrt, _sqrt_d),
-    aten.reciprocal.default: _pointwise_rule(torch.reciprocal, _reciprocal_d),
-    aten.pow.Tensor_Scalar: _pointwise_rule(None, _pow_d),
-    aten.square.default: _pointwise_rule(torch.square, _square_d),
-    aten.tanh.default: _pointwise_rule(torch.tanh, _tanh_d),
-    aten.sigmoid.default: _pointwise_rule(torch.sigmoid, _sigmoid_d),
-    aten.silu.default: _pointwise_rule(torch.nn.functional.silu, _silu_d),
-    aten.gelu.default: _pointwise_rule(None, _gelu_d),
-    aten.abs.default: _pointwise_rule(torch.abs, _abs_d),
-    aten.sin.default: _pointwise_rule(torch.sin, _sin_d),
-    aten.cos.default: _pointwise_rule(torch.cos, _cos_d),
+    aten.exp.default: _pointwise_rule(_exp_d),
+    aten.log.default: _pointwise_rule(_log_d),
+    aten.rsqrt.default: _pointwise_rule(_rsqrt_d),
+    aten.sqrt.default: _pointwise_rule(_sqrt_d),
+    aten.reciprocal.default: _pointwise_rule(_reciprocal_d),
+    aten.pow.Tensor_Scalar: _pointwise_rule(_pow_d),
+    aten.square.default: _pointwise_rule(_square_d),
+    aten.tanh.default: _pointwise_rule(_tanh_d),
+    aten.sigmoid.default: _pointwise_rule(_sigmoid_d),
+    aten.silu.default: _pointwise_rule(_silu_d),
+    aten.gelu.default: _pointwise_rule(_gelu_d),
+    aten.abs.default: _pointwise_rule(_abs_d),
+    aten.sin.default: _pointwise_rule(_sin_d),
+    aten.cos.default: _pointwise_rule(_cos_d),
     aten._log_softmax.default: _softmax_family(log=True),
     aten._softmax.default: _softmax_family(log=False),
     aten._safe_softmax.default: _softmax_family(log=False),
