@@ -27,9 +27,14 @@ def _forward_parameters(cls: type) -> frozenset[str]:
     return frozenset(inspect.signature(cls.forward).parameters)
 
 
+def left_padded_positions(attention_mask: Tensor) -> Tensor:
+    """Position ids under left padding: each sequence's first real token is position 0 (pads 0 too)."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def forward_kwargs(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
                    keep_last: int | None = None) -> dict:
-    """Keyword arguments for a causal-LM forward with explicit positions.
+    """Keyword arguments for a causal-LM forward (or its decoder's) with explicit positions.
 
     GPT-2 needs explicit position ids under left padding (docs/method.md §9); ``keep_last`` asks the
     model to apply its LM head to the last positions only, where it supports ``logits_to_keep``.
@@ -40,15 +45,6 @@ def forward_kwargs(model: torch.nn.Module, input_ids: Tensor, attention_mask: Te
         kwargs["position_ids"] = position_ids
     if keep_last is not None and "logits_to_keep" in accepted:
         kwargs["logits_to_keep"] = keep_last
-    return kwargs
-
-
-def decoder_kwargs(decoder: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> dict:
-    """Keyword arguments for the decoder under a causal LM's head (``get_decoder()``), with
-    explicit positions where it takes them."""
-    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if "position_ids" in _forward_parameters(type(decoder)):
-        kwargs["position_ids"] = position_ids
     return kwargs
 
 

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .distribution import sampling_log_probs
-from .model_guard import cache_kwargs, forward_kwargs, hf_model, probe_mode, returned_cache
+from .model_guard import cache_kwargs, forward_kwargs, hf_model, left_padded_positions, probe_mode, returned_cache
 
 
 def _not_int(value) -> bool:
@@ -404,7 +404,7 @@ def _decode(model, rows: list[tuple[list[int], int, int]], width: int, config: S
     keys = torch.tensor([_signed(row_seed(seed, g, r)) for _, g, r in rows], dtype=torch.int64, device=device)
     mask = torch.ones((n, width + steps), dtype=prompt_mask.dtype, device=device)  # preallocated
     mask[:, :width] = prompt_mask
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    positions = left_padded_positions(mask)
     tokens = torch.full((n, steps), pad_token_id, dtype=torch.long, device=device)
     log_probs = proposal = None  # in the dtype of the sampling log-probabilities (float64 for a float64 model)
     finished = torch.zeros(n, dtype=torch.bool, device=device)

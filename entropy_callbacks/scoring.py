@@ -6,7 +6,7 @@ For every sequence i of a (micro)batch this computes, at the θ given by a param
     f_i(θ) = Σ_k H(q_θ,ik)  ("rb")  or  −S_i(θ)  ("naive")
 
 in float64, and their first (and second) derivatives in s along θ₀ + sΔθ by forward-mode AD
-(dual tensors for order 1, Taylor-mode jets for order 2: ``taylor``); at θ₀ a derivative pass also
+(Taylor-mode jets, ``taylor``: dual numbers at order 1); at θ₀ a derivative pass also
 gives the score features of known mean 0 that serve as control variates (``score_controls``). Parameters are placed layer
 by layer in the pass's compute dtype (``layerwise``); the model's own are never touched.
 """
@@ -29,7 +29,7 @@ from .taylor import Jet, coefficients, degree
 from .distribution import entropy, mass_outside, sampling_log_probs
 from .forward_mode import forward_ad_ready, math_attention, nested_jvp_ready
 from .layerwise import parameters_at
-from .model_guard import decoder_kwargs, forward_kwargs, hf_model
+from .model_guard import forward_kwargs, hf_model, left_padded_positions
 from .params import StepPoint
 from .sampling import ProbeBatch
 
@@ -101,7 +101,7 @@ def _response_logits(model: torch.nn.Module, batch: ProbeBatch, point: StepPoint
     its parameters placed once: no [n, M, V] tensor exists, in any stream of a jet. Otherwise
     the model's own forward computes every position's logits at once."""
     steps = batch.input_ids.shape[1] - batch.prompt_length
-    position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    position_ids = left_padded_positions(batch.attention_mask)
     parts = _separable_head(model, batch)
     with parameters_at(model, point) as placement:
         if parts is None:
@@ -111,7 +111,7 @@ def _response_logits(model: torch.nn.Module, batch: ProbeBatch, point: StepPoint
             yield lambda cols: logits[:, cols]
             return
         decoder, head = parts
-        hidden = decoder(**decoder_kwargs(decoder, batch.input_ids, batch.attention_mask, position_ids),
+        hidden = decoder(**forward_kwargs(decoder, batch.input_ids, batch.attention_mask, position_ids),
                          use_cache=False).last_hidden_state[:, -(steps + 1):-1]
         with placement.held(head):
             yield lambda cols: head(hidden[:, cols])
@@ -131,11 +131,11 @@ def _separable_head(model: torch.nn.Module, batch: ProbeBatch):
         found = None
         if decoder is not None and head is not None and decoder is not inner:
             ids, mask = batch.input_ids[:1], batch.attention_mask[:1]
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            positions = left_padded_positions(mask)
             with torch.no_grad():
                 try:
                     own = model(**forward_kwargs(model, ids, mask, positions), use_cache=False).logits
-                    split = head(decoder(**decoder_kwargs(decoder, ids, mask, positions),
+                    split = head(decoder(**forward_kwargs(decoder, ids, mask, positions),
                                          use_cache=False).last_hidden_state)
                     if own.shape == split.shape and torch.equal(own, split):
                         found = (decoder, head)
@@ -251,7 +251,7 @@ def _warn_fallback(reason: str, order: int) -> None:
     if (reason, order) not in _warned_fallback:
         _warned_fallback.add((reason, order))
         how = ("nested forward-mode JVPs for order 2 (same numbers, about twice the cost)" if order == 2
-               else "torch's forward-mode dual tensors for order 1 (same numbers, about 15 % slower)")
+               else "torch's forward-mode dual tensors for order 1 (same numbers, a little slower on CPU)")
         warnings.warn(f"{reason}. Falling back to {how}.", RuntimeWarning, stacklevel=4)
 
 

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..distribution import entropy as token_entropy
-from ..model_guard import forward_kwargs
+from ..model_guard import forward_kwargs, left_padded_positions
 from ..sampling import ProbeBatch, SamplingConfig, sample_batch
 from ..pretrained import load_pretrained
 from ..prompts import encode_prompt
@@ -157,7 +157,7 @@ class GRPOModule(pl.LightningModule):
 
     def _token_log_probs(self, model, batch: ProbeBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(log q of each response token, entropy of each response position) in train mode."""
-        position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+        position_ids = left_padded_positions(batch.attention_mask)
         kwargs = forward_kwargs(model, batch.input_ids, batch.attention_mask, position_ids)
         logits = model(**kwargs, use_cache=False).logits[:, batch.prompt_length - 1:-1].float()
         log_q = torch.log_softmax(logits / self.sampling.temperature, -1)
