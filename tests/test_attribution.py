@@ -75,6 +75,15 @@ def warm_up(model, optimizer, losses, steps: int = 2):
         take_step(model, optimizer, losses)
 
 
+def stepped(model, optimizer, losses, warm_up_steps: int = 2, **kwargs) -> dict:
+    """Warm-up steps (so Adam's moments and SGD's buffer are live), then θ₀ and the step taken
+    from it; returns θ₀."""
+    warm_up(model, optimizer, losses, steps=warm_up_steps)
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    take_step(model, optimizer, losses, **kwargs)
+    return base
+
+
 def check_split(model, batch_e, base, optimizer, losses, **kwargs):
     result = attribute_delta_h(model, batch_e, base, optimizer, losses, **kwargs)
     delta = {n: p.detach() - base[n] for n, p in model.named_parameters() if p.requires_grad}
@@ -93,9 +102,7 @@ def test_adamw_with_weight_decay_at_a_later_step(tmp_path, arch, clip):
     model, batch_e, rollouts, advantages = setting(tmp_path, arch)
     losses = per_sample_losses(model, rollouts, advantages)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
-    warm_up(model, optimizer, losses)
-    base = {n: p.detach().clone() for n, p in model.named_parameters()}
-    take_step(model, optimizer, losses, clip=clip)
+    base = stepped(model, optimizer, losses, clip=clip)
     result = check_split(model, batch_e, base, optimizer, losses)
     assert result.momentum != 0 and result.weight_decay != 0
     if clip is None:
@@ -113,9 +120,7 @@ def test_lora_adamw_at_a_realistic_learning_rate(tmp_path, arch):
     model = add_lora(model).eval()
     losses = per_sample_losses(model, rollouts, advantages)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.01)
-    warm_up(model, optimizer, losses)
-    base = {n: p.detach().clone() for n, p in model.named_parameters()}
-    take_step(model, optimizer, losses)
+    base = stepped(model, optimizer, losses)
     result = check_split(model, batch_e, base, optimizer, losses)
     assert len(result.per_sample) == len(rollouts) and result.momentum != 0
 
@@ -124,9 +129,7 @@ def test_adam_with_l2_decay(tmp_path):
     model, batch_e, rollouts, advantages = setting(tmp_path, seed=1)
     losses = per_sample_losses(model, rollouts, advantages)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=0.05)
-    warm_up(model, optimizer, losses, steps=1)
-    base = {n: p.detach().clone() for n, p in model.named_parameters()}
-    take_step(model, optimizer, losses)
+    base = stepped(model, optimizer, losses, warm_up_steps=1)
     result = check_split(model, batch_e, base, optimizer, losses, clip_factor=1.0)
     assert result.weight_decay != 0
 
@@ -135,9 +138,7 @@ def test_gradient_accumulation(tmp_path):
     model, batch_e, rollouts, advantages = setting(tmp_path, seed=2)
     losses = per_sample_losses(model, rollouts, advantages, scale=0.5)  # each micro-batch's loss halved
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    warm_up(model, optimizer, losses, steps=1)
-    base = {n: p.detach().clone() for n, p in model.named_parameters()}
-    take_step(model, optimizer, losses, accumulate=2)
+    base = stepped(model, optimizer, losses, warm_up_steps=1, accumulate=2)
     whole = check_split(model, batch_e, base, optimizer, losses)
     # E in microbatches (a value pass first, then the reverse pass piece by piece): the same split
     pieces = check_split(model, batch_e, base, optimizer, losses, microbatch_size=4)
@@ -234,9 +235,7 @@ def test_per_sample_standard_errors_are_the_grouped_jackknife(tmp_path):
     model, batch_e, rollouts, advantages = setting(tmp_path, seed=7)
     losses = per_sample_losses(model, rollouts, advantages)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
-    warm_up(model, optimizer, losses, steps=1)
-    base = {n: p.detach().clone() for n, p in model.named_parameters()}
-    take_step(model, optimizer, losses)
+    base = stepped(model, optimizer, losses, warm_up_steps=1)
     result = attribute_delta_h(model, batch_e, base, optimizer, losses, clip_factor=1.0, standard_errors=True)
     groups = batch_e.group.unique().tolist()
     leave_out = torch.stack([
@@ -274,9 +273,7 @@ def test_bf16_base_with_lora_at_a_realistic_learning_rate(tmp_path):
     advantages = torch.randn(len(rollouts), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     losses = per_sample_losses(model, rollouts, advantages)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.01)
-    warm_up(model, optimizer, losses)
-    base = {n: p.detach().clone() for n, p in model.named_parameters()}
-    take_step(model, optimizer, losses)
+    base = stepped(model, optimizer, losses)
     result = attribute_delta_h(model, batch_e, base, optimizer, losses)
     delta = {n: p.detach().float() - base[n].float() for n, p in model.named_parameters() if p.requires_grad}
     forward = predict_delta_h(model, batch_e, base, delta, order=1)
