@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import (PRESETS, add_model_arguments, add_run_arguments, check_run_arguments, prepare,  # noqa: E402
                      random_llama, random_qwen2, random_step, timer)
 from entropy_callbacks import SamplingConfig, measure_delta_h, predict_delta_h, sample_batch  # noqa: E402
+from entropy_callbacks.precision import PRECISIONS  # noqa: E402
 from entropy_callbacks.scoring import torch_forward_ad  # noqa: E402
 
 TARGETS = {  # CPU targets with --dtype float64 (the precision policy then has nothing to do), × one forward
@@ -65,6 +66,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=0, help="sampling top-k (0 = off)")
     p.add_argument("--top-p", type=float, default=1.0, help="sampling top-p (1 = off)")
     p.add_argument("--step-size", type=float, default=1e-3, help="delta-theta = step_size * randn, every parameter")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="the passes' precision policy (auto: float64 values, float32 derivatives; float64 for a "
+                        "float64 model); ratios are always to a forward of the model as it is")
+    p.add_argument("--skip-sampling", action="store_true", help="do not time sampling (on a GPU it takes long)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after the timings, profile one call of each pass and print its N costliest operations")
     add_run_arguments(p)
     args = p.parse_args(argv)
     if args.repeats < 1:
@@ -124,14 +131,17 @@ def main(argv=None) -> int:
     ops: dict[str, Callable[[], object]] = {
         "forward": forward,
         "sampling": sample,
-        "measure (1,)": lambda: measure_delta_h(model, batch, base, delta, scales=(1.0,)),
-        "measure (1,2)": lambda: measure_delta_h(model, batch, base, delta, scales=(1.0, 2.0)),
-        "order 1": lambda: predict_delta_h(model, batch, base, delta, order=1),
-        "order 2": lambda: predict_delta_h(model, batch, base, delta, order=2),
+        "measure (1,)": lambda: measure_delta_h(model, batch, base, delta, scales=(1.0,), precision=args.precision),
+        "measure (1,2)": lambda: measure_delta_h(model, batch, base, delta, scales=(1.0, 2.0),
+                                                 precision=args.precision),
+        "order 1": lambda: predict_delta_h(model, batch, base, delta, order=1, precision=args.precision),
+        "order 2": lambda: predict_delta_h(model, batch, base, delta, order=2, precision=args.precision),
     }
     if args.compare_engines:
-        ops["order 1, torch AD"] = lambda: on_torch_ad(lambda: predict_delta_h(model, batch, base, delta, order=1))
-        ops["order 2, torch AD"] = lambda: on_torch_ad(lambda: predict_delta_h(model, batch, base, delta, order=2))
+        ops["order 1, torch AD"] = lambda: on_torch_ad(lambda: ops["order 1"]())
+        ops["order 2, torch AD"] = lambda: on_torch_ad(lambda: ops["order 2"]())
+    if args.skip_sampling:
+        del ops["sampling"]
 
     n_params = sum(p.numel() for p in model.parameters())
     kind = f"Qwen2 ({args.preset} shape, {model.config.num_key_value_heads} KV heads)" if args.preset else "Llama"
@@ -141,7 +151,8 @@ def main(argv=None) -> int:
     print(f"batch     {len(batch)} sequences x {batch.input_ids.shape[1]} columns (prompt width "
           f"{batch.prompt_length}), response tokens per sequence {int(lengths.min())}..{int(lengths.max())}, "
           f"{int(lengths.sum())} in all; top_k={args.top_k}, top_p={args.top_p}")
-    print(f"step      delta-theta = {args.step_size:g} * randn on all {len(delta)} parameter tensors")
+    print(f"step      delta-theta = {args.step_size:g} * randn on all {len(delta)} parameter tensors; "
+          f"precision={args.precision!r}")
     print(f"repeats   {args.repeats} interleaved, after one warm-up of each operation; "
           f"{'wall-clock' if args.clock == 'wall' else 'process CPU'} time", flush=True)
 
@@ -155,6 +166,7 @@ def main(argv=None) -> int:
     units = [("sampling",), ("measure (1,)", "measure (1,2)"), ("order 1",), ("order 2",)]
     if args.compare_engines:
         units += [("order 1, torch AD",), ("order 2, torch AD",)]
+    units = [unit for unit in units if unit[0] in ops]
     times: dict[str, list[float]] = {n: [] for n in ops}
     unit_of: dict[str, list[float]] = {n: [] for n in ops}
     for r in range(args.repeats):
@@ -175,7 +187,7 @@ def main(argv=None) -> int:
     further = [two - one for one, two in zip(times["measure (1,)"], times["measure (1,2)"])]
     rows = [
         ("forward (no grad)", fwd, fwd, None),
-        ("sampling", times["sampling"], unit_of["sampling"], None),
+        *([("sampling", times["sampling"], unit_of["sampling"], None)] if "sampling" in ops else []),
         ("one scale (incl. θ₀ pass)", times["measure (1,)"], unit_of["measure (1,)"], "one scale"),
         ("each further scale", further, unit_of["measure (1,)"], "further scale"),
         ("order-1 prediction", times["order 1"], unit_of["order 1"], "order 1"),
@@ -210,7 +222,29 @@ def main(argv=None) -> int:
     print("× forward: median over repeats of time / mean of the forwards timed just before and after it;")
     print("range: min–max of those ratios; best ×: fastest time / fastest forward;")
     print(f"further scale = measure(scales=(1, 2)) − measure(scales=(1,)); {failed} target(s) missed")
+    if args.profile:
+        for name in ("forward", "measure (1,)", "order 1", "order 2"):
+            profile(name, ops[name], args.device, args.profile)
     return 0
+
+
+def profile(name: str, fn: Callable[[], object], device: str, rows: int) -> None:
+    """One call of ``fn`` under torch.profiler: its ``rows`` costliest operations by self time on
+    the device (CPU time on a CPU). A profiler that fails (no CUPTI) is reported, not fatal."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    print(f"\nprofile of one call: {name}", flush=True)
+    try:
+        with torch_profile(activities=activities) as prof:
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+        key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=48), flush=True)
+    except Exception as error:  # noqa: BLE001 - a profile is an extra; the timings above stand
+        print(f"(profiler failed: {type(error).__name__}: {error})", flush=True)
 
 
 if __name__ == "__main__":

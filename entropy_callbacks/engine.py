@@ -80,7 +80,8 @@ class MeasurementTerms:
     """Per-sequence terms of a measurement (CPU float64), ready to concatenate across ranks.
 
     ``partner_*``: S_i, f_i at θ₀ from a pass in another precision, whose difference from the
-    θ₀ values, times ``roundoff_ratio``, estimates the rounding error of the value passes.
+    θ₀ values, times ``roundoff_ratio``, estimates the rounding error of the value passes; NaN
+    for the sequences that pass did not re-run (``floor_rows``).
     """
 
     group: Tensor
@@ -151,6 +152,18 @@ def concat_terms(parts: Sequence):
     return type(first)(**merged)
 
 
+# A partner pass of its own re-runs only every FLOOR_STRIDE-th sequence of E (all of a small E,
+# at least FLOOR_MIN_ROWS): the floor is a sum of per-sequence magnitudes, which a quarter of E
+# estimates well enough for a diagnostic (docs/method.md §8), at a quarter of a pass.
+FLOOR_STRIDE = 4
+FLOOR_MIN_ROWS = 4
+
+
+def floor_rows(n: int) -> Tensor:
+    """Rows of an E of n sequences that a partner pass of its own re-runs (evenly spaced)."""
+    return torch.arange(0, n, max(1, min(FLOOR_STRIDE, n // FLOOR_MIN_ROWS)))
+
+
 def measurement_terms(model, batch: ProbeBatch, base: Mapping[str, Tensor], delta: Mapping[str, Tensor], *,
                       scales: Sequence[float], estimator: str, microbatch_size: int | None,
                       precision: PassPrecision, origin: PredictionTerms | None = None) -> MeasurementTerms:
@@ -191,11 +204,13 @@ def measurement_terms(model, batch: ProbeBatch, base: Mapping[str, Tensor], delt
             if reference is not None:
                 reference.support = None  # free it before the next microbatch
     if partner is None:
+        rows = floor_rows(len(batch))
         with probe_mode(model), pass_numerics(model, partner_point.dtype):
             at_partner = [score_values(model, mb, partner_point, estimator, at_origin=True)
-                          for mb in batch.microbatches(microbatch_size)]
-        partner_log_prob = _cpu(torch.cat([v.log_prob for v in at_partner]))
-        partner_integrand = _cpu(torch.cat([v.integrand for v in at_partner]))
+                          for mb in batch.select(rows).microbatches(microbatch_size)]
+        partner_log_prob, partner_integrand = (
+            torch.full((len(batch),), math.nan, dtype=torch.float64).index_copy_(0, rows.cpu(), _cpu(torch.cat(v)))
+            for v in ([v.log_prob for v in at_partner], [v.integrand for v in at_partner]))
     else:
         partner_log_prob, partner_integrand = partner.log_prob, partner.integrand
     zeros = torch.zeros(len(batch), dtype=torch.float64)

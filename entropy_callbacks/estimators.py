@@ -380,13 +380,17 @@ def rounding_floor(integrand: Tensor, norm: Tensor, log_prob_error: Tensor, inte
         floor = 2 Σ_i |r_i| .
 
     With a proposal, r_i = b_i [e_f,i + (f_i − Ĥ c_i) e_S,i] / Σ b c (S_i(θ₀) then enters b_i).
+
+    Errors known for n of the N sequences only (NaN elsewhere: the partner pass re-ran a
+    subset) estimate the sum as (N / n) Σ_{i known} |r_i|.
     """
     f, c = _f64(integrand), _f64(norm)
     b = torch.ones_like(f) if base is None else _f64(base)
     total = (b * c).sum()
     value = (b * f).sum() / total
-    r = weighted(((_f64(integrand_error) + (f - value * c) * _f64(log_prob_error)) / total)[:, None], base)
-    return float(2 * r.abs().sum())
+    known = ~torch.isnan(_f64(log_prob_error))
+    r = weighted(((_f64(integrand_error) + (f - value * c) * _f64(log_prob_error)) / total)[:, None], base)[:, 0]
+    return float(2 * r[known].abs().sum() * (r.numel() / int(known.sum())))
 
 
 @dataclass(frozen=True)

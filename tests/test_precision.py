@@ -232,3 +232,21 @@ def test_exact_numerics_restores_flags_after_an_exception():
         with exact_numerics(torch.device("cpu")):
             raise KeyError
     assert _flags() == before
+
+
+def test_floor_from_a_partner_over_part_of_e_scales_its_sum():
+    """A partner pass that re-ran only some rows (NaN elsewhere) gives (N / n) Σ_known |r_i|."""
+    from entropy_callbacks.engine import floor_rows
+    from entropy_callbacks.estimators import rounding_floor
+
+    assert floor_rows(32).tolist() == list(range(0, 32, 4))
+    assert floor_rows(12).tolist() == [0, 3, 6, 9] and floor_rows(6).tolist() == list(range(6))
+    gen = torch.Generator().manual_seed(0)
+    f, c = torch.rand(16, generator=gen, dtype=torch.float64) * 5, torch.full((16,), 4.0, dtype=torch.float64)
+    e_s, e_f = (torch.randn(16, generator=gen, dtype=torch.float64) * 1e-7 for _ in range(2))
+    rows = floor_rows(16)
+    missing = torch.ones(16, dtype=torch.bool).index_fill_(0, rows, False)
+    partial = rounding_floor(f, c, e_s.masked_fill(missing, float("nan")), e_f.masked_fill(missing, float("nan")))
+    r = (e_f + (f - f.sum() / c.sum() * c) * e_s) / c.sum()
+    assert partial == pytest.approx(2 * r[rows].abs().sum().item() * 16 / len(rows), rel=1e-12)
+    assert rounding_floor(f, c, e_s, e_f) == pytest.approx(2 * r.abs().sum().item(), rel=1e-12)
