@@ -64,7 +64,7 @@ from harness import check_run_arguments, add_model_arguments, add_run_arguments,
 from entropy_callbacks import SamplingConfig, measure_delta_h, predict_delta_h, sample_batch  # noqa: E402
 from entropy_callbacks import estimators  # noqa: E402
 from entropy_callbacks.engine import measurement_terms, summarize_measurement  # noqa: E402
-from entropy_callbacks.forward_mode import math_attention  # noqa: E402
+from entropy_callbacks.attention import probe_attention  # noqa: E402
 from entropy_callbacks.model_guard import probe_mode  # noqa: E402
 from entropy_callbacks.precision import PassPrecision  # noqa: E402
 from entropy_callbacks.scoring import _token_terms, score_derivatives  # noqa: E402
@@ -301,7 +301,7 @@ class Reverse:
         return sum((t.double() * self.delta64[n]).sum() for n, t in zip(self.delta, tensors))
 
     def __call__(self, order: int) -> Estimates:
-        with probe_mode(self.model), math_attention(self.model), torch.enable_grad():
+        with probe_mode(self.model), probe_attention(self.model), torch.enable_grad():
             leaves = {n: self.base[n].detach().requires_grad_(True) for n in self.delta}
             value = self._value(leaves)
             grads = torch.autograd.grad(value, list(leaves.values()), create_graph=order == 2)

@@ -24,7 +24,7 @@ from torch.func import jvp
 
 from . import estimators
 from .engine import _cpu, _prepare, check_options
-from .forward_mode import math_attention
+from .attention import probe_attention
 from .model_guard import probe_mode
 from .optimizer_split import split_step
 from .params import StepPoint, check_point
@@ -58,7 +58,7 @@ class GradientsOnE:
         self.microbatches = list(batch.microbatches(microbatch_size))
         self._kept = None
         single = len(self.microbatches) == 1  # then the gradient pass's own values give Ĥ: no value pass
-        with torch.set_grad_enabled(single), math_attention(model):
+        with torch.set_grad_enabled(single), probe_attention(model):
             parts = [self.terms(mb) for mb in self.microbatches]
         if single:
             self._kept = parts[0]
@@ -86,7 +86,7 @@ class GradientsOnE:
         else:
             pieces, indices = [self.batch.select(rows)], [rows]
         out = {n: torch.zeros_like(self.leaves[n], dtype=torch.float64) for n in self.names}
-        with torch.enable_grad(), math_attention(self.model):
+        with torch.enable_grad(), probe_attention(self.model):
             for mb, index in zip(pieces, indices):
                 s, f = self._kept if (self._kept is not None and rows is None) else self.terms(mb)
                 keep = self.weights[index] > 0  # 0·(−inf) outside θ₀'s support under a proposal
@@ -152,7 +152,7 @@ def attribute_delta_h(model, batch: ProbeBatch, base: Mapping[str, Tensor], opti
     gradient = {n: gradient[n].to(split.gain[n].device) for n in moved}
     direction = {n: split.gain[n] * gradient[n] for n in moved}  # γ ⊙ ∇Ĥ
     primals = {n: base[n].detach().to(params[n].device, params[n].dtype) for n in moved}
-    with probe_mode(model), math_attention(model):
+    with probe_mode(model), probe_attention(model):
         if clip_factor is None:
             with torch.enable_grad():
                 leaves = {n: t.clone().requires_grad_(True) for n, t in primals.items()}
@@ -171,7 +171,7 @@ def attribute_delta_h(model, batch: ProbeBatch, base: Mapping[str, Tensor], opti
                     update_losses, primals, {n: split.jacobian_gain[n] * gradient[n] for n in moved})
     se = None
     if standard_errors:
-        with probe_mode(model), pass_numerics(model, dtype), math_attention(model), torch.no_grad():
+        with probe_mode(model), pass_numerics(model, dtype), probe_attention(model), torch.no_grad():
             se = per_sample_se(on_e, lambda d: _per_sample_jvp(update_losses, primals, d), split.gain,
                                clip_factor, influence)
     momentum = _dot(gradient, split.momentum)

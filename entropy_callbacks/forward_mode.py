@@ -4,8 +4,9 @@ Three facts about this stack (docs/method.md §9) are handled here, and only her
 jets, ``taylor``, need only the first; the other two concern the nested-JVP fallback):
 
 - Fused attention kernels (CPU flash, CUDA flash/efficient, the flash-attn package) have no
-  forward-AD rule: JVP passes run SDPA under the MATH backend, and a model configured for a
-  flash implementation is switched to "sdpa" for the pass and back afterwards.
+  forward-AD rule: every probe pass runs ``attention.grouped_attention`` in SDPA's place
+  (``attention.probe_attention``), and a model configured for a flash implementation is switched
+  to "sdpa" for the pass and back afterwards.
 - ``F.layer_norm``'s second-order forward derivative is wrong in this torch with no error
   (nested ``jvp`` through GPT-2 was off by 3-33 %, PyTorch #196700): nested passes replace
   it by the same function written with mean/rsqrt, whose derivatives are exact.
@@ -21,11 +22,8 @@ from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .model_guard import hf_model
-
-_FUSED_ONLY = ("flash_attention_2", "flash_attention_3", "flex_attention", "paged_attention")
+from .attention import probe_attention
 
 
 def layer_norm_exact(x: torch.Tensor, normalized_shape: Sequence[int], weight=None, bias=None,
@@ -52,29 +50,9 @@ def _exact_layer_norm() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def math_attention(model: torch.nn.Module) -> Iterator[None]:
-    """SDPA on the MATH backend (a fused-only implementation switched to "sdpa" meanwhile).
-
-    Value passes use it too: the MATH kernel gives each row the same result whatever the batch
-    size (CPU flash attention splits its work by batch size), and values and derivatives are
-    then of one and the same function."""
-    inner = hf_model(model)
-    original = getattr(inner.config, "_attn_implementation", None)
-    switch = original in _FUSED_ONLY and hasattr(inner, "set_attn_implementation")
-    if switch:
-        inner.set_attn_implementation("sdpa")
-    try:
-        with sdpa_kernel([SDPBackend.MATH]):
-            yield
-    finally:
-        if switch:
-            inner.set_attn_implementation(original)
-
-
-@contextlib.contextmanager
 def forward_ad_ready(model: torch.nn.Module) -> Iterator[None]:
     """Context for a derivative pass (Taylor-mode jets or torch's dual tensors)."""
-    with math_attention(model), torch.no_grad():
+    with probe_attention(model), torch.no_grad():
         yield
 
 

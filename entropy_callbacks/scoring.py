@@ -27,7 +27,8 @@ from torch.func import jvp
 from .taylor import Jet, coefficients, degree
 
 from .distribution import entropy, mass_outside, sampling_log_probs
-from .forward_mode import forward_ad_ready, math_attention, nested_jvp_ready
+from .attention import probe_attention
+from .forward_mode import forward_ad_ready, nested_jvp_ready
 from .layerwise import parameters_at
 from .model_guard import forward_kwargs, hf_model, left_padded_positions
 from .params import StepPoint
@@ -158,7 +159,7 @@ def _position_terms(model, batch: ProbeBatch, point: StepPoint, estimator: str, 
     force = targets if at_origin and batch.proposal_log_probs is None else None
     columns = []
     with _response_logits(model, batch, point) as logits_for:
-        for cols in _position_chunks(len(batch), targets.shape[1], _vocab_size(model)):
+        for cols in _position_chunks(len(batch), targets.shape[1], _vocab_size(model), targets.device):
             chunk = logits_for(cols)
             if vocab_float64:
                 chunk = chunk.to(torch.float64)
@@ -177,8 +178,10 @@ def _position_terms(model, batch: ProbeBatch, point: StepPoint, estimator: str, 
 # The LM head and the vocabulary-side work run over response positions in chunks of at most
 # this many [position, vocabulary] entries, so that the logits and their temporaries (the
 # float64 copy, log q, q, q·log q, in every stream of a jet) stay near one chunk each instead of
-# several copies of [n, M, V] (docs/method.md §9).
+# several copies of [n, M, V] (docs/method.md §9). On a GPU a chunk is 8× larger: at Qwen's
+# vocabulary 2^24 entries are ~100 rows, too few for the head's product to run at speed.
 VOCAB_CHUNK = 1 << 24
+VOCAB_CHUNK_GPU = 1 << 27
 
 
 def _vocab_size(model: torch.nn.Module) -> int:
@@ -187,8 +190,9 @@ def _vocab_size(model: torch.nn.Module) -> int:
     return int(weight.shape[0]) if weight is not None else int(hf_model(model).config.vocab_size)
 
 
-def _position_chunks(n: int, positions: int, vocab: int) -> list[slice]:
-    step = max(1, VOCAB_CHUNK // max(1, n * vocab))
+def _position_chunks(n: int, positions: int, vocab: int, device: torch.device = torch.device("cpu")) -> list[slice]:
+    budget = VOCAB_CHUNK if device.type == "cpu" else VOCAB_CHUNK_GPU
+    step = max(1, budget // max(1, n * vocab))
     return [slice(start, min(start + step, positions)) for start in range(0, positions, step)]
 
 
@@ -207,7 +211,7 @@ def score_values(model, batch: ProbeBatch, point: StepPoint, estimator: str, *,
     f_i off by 2e-6 against 7e-9 from the network), at a small share of its cost. Derivative
     passes need no such care: they difference nothing.
     """
-    with math_attention(model):
+    with probe_attention(model):
         token_log_prob, token_integrand, outside, support = _position_terms(
             model, batch, point, estimator, at_origin=at_origin,
             reference_support=reference_support, keep_support=keep_support, vocab_float64=point.dtype is not None)

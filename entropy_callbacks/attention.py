@@ -1,0 +1,92 @@
+"""The attention every probe pass runs (docs/method.md §9): softmax(q kᵀ·scale + mask) v written
+out with matrix products, standing in for SDPA while a pass runs.
+
+Why not SDPA itself: its fused kernels have no forward-AD rule, and its MATH kernel, the one
+that has, repeats each key/value head for every query head sharing it and multiplies
+[heads, L, d] by [heads, d, L] per sequence — on an H200 in float32 cuBLAS ran those products on
+a small-matrix kernel at ~0.6 TFLOP/s, 12 ms each, more than the rest of a layer. Here the query
+heads that share a key/value head are stacked along the rows (grouped-query attention), so each
+product is one [rep·L, d] × [d, S] per key/value head: no repeated keys, rep times taller
+matrices. Each row's result depends on its own sequence only, whatever the batch size, so
+microbatching changes nothing; the ops are plain aten ops, which Taylor-mode jets
+(``taylor``) and torch's forward AD both differentiate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from .model_guard import hf_model
+
+_FUSED_ONLY = ("flash_attention_2", "flash_attention_3", "flash_attention_4", "flex_attention", "paged_attention")
+_UNSUPPORTED = ("softcap", "position_bias", "s_aux", "sinks")  # then SDPA (MATH kernel) runs as it would
+
+
+def grouped_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                      attention_mask: Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                      is_causal: bool | None = None, *, sdpa=None, **kwargs) -> tuple[Tensor, None]:
+    """Hugging Face's attention-function interface: query [B, H, L, d], key/value [B, Hkv, S, d],
+    a boolean (True: attend) or additive mask [B, 1 or H, L, S]; returns [B, L, H, d] and None.
+
+    Fully masked rows (left padding) give 0, as SDPA's MATH kernel does (``_safe_softmax``);
+    softmax runs in float32 for 16-bit inputs."""
+    if dropout > 0.0 or any(kwargs.get(name) is not None for name in _UNSUPPORTED):
+        return sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                    is_causal=is_causal, **kwargs)
+    batch, heads, length, dim = query.shape
+    kv_heads, kv_length = key.shape[1], key.shape[2]
+    rep = heads // kv_heads
+    scale = dim ** -0.5 if scaling is None else scaling
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if attention_mask is None and causal and length > 1:
+        # SDPA's is_causal: aligned top-left, keys cut to the queries (HF does the same)
+        key, value, kv_length = key[:, :, :length], value[:, :, :length], length
+        attention_mask = torch.ones(length, length, dtype=torch.bool, device=query.device).tril()
+    q = (query * scale).reshape(batch, kv_heads, rep * length, dim)
+    scores = torch.matmul(q, key.transpose(-1, -2)).view(batch, kv_heads, rep, length, kv_length)
+    if attention_mask is not None:
+        mask = attention_mask[..., :kv_length]
+        if mask.dim() == 4:  # [B, 1 or H, L, S] onto [B, Hkv, rep, L, S]
+            mask = mask[:, :, None] if mask.shape[1] == 1 else mask.view(mask.shape[0], kv_heads, rep, length, kv_length)
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    wide = torch.float32 if scores.dtype in (torch.float16, torch.bfloat16) else None
+    probs = torch.ops.aten._safe_softmax(scores, -1, wide).to(value.dtype)
+    out = torch.matmul(probs.view(batch, kv_heads, rep * length, kv_length), value)
+    return out.view(batch, heads, length, value.shape[-1]).transpose(1, 2).contiguous(), None
+
+
+def _interface():
+    try:
+        from transformers.modeling_utils import AttentionInterface
+    except ImportError:  # transformers without the interface: models call SDPA directly
+        return None
+    return AttentionInterface
+
+
+@contextlib.contextmanager
+def probe_attention(model: torch.nn.Module) -> Iterator[None]:
+    """For the duration, a model configured for SDPA (or for a fused-only implementation, switched
+    to "sdpa" meanwhile) runs ``grouped_attention``; a direct SDPA call runs on the MATH kernel.
+    Everything is put back afterwards."""
+    inner = hf_model(model)
+    original = getattr(getattr(inner, "config", None), "_attn_implementation", None)
+    switch = original in _FUSED_ONLY and hasattr(inner, "set_attn_implementation")
+    interface = _interface()
+    sdpa = None if interface is None else interface._global_mapping.get("sdpa")
+    if switch:
+        inner.set_attn_implementation("sdpa")
+    if sdpa is not None:
+        interface._global_mapping["sdpa"] = lambda *args, **kwargs: grouped_attention(*args, sdpa=sdpa, **kwargs)
+    try:
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
+    finally:
+        if sdpa is not None:
+            interface._global_mapping["sdpa"] = sdpa
+        if switch:
+            inner.set_attn_implementation(original)
