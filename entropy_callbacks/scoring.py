@@ -115,7 +115,9 @@ def _response_logits(model: torch.nn.Module, batch: ProbeBatch, point: StepPoint
         hidden = decoder(**forward_kwargs(decoder, batch.input_ids, batch.attention_mask, position_ids),
                          use_cache=False).last_hidden_state[:, -(steps + 1):-1]
         with placement.held(head):
-            yield lambda cols: head(hidden[:, cols])
+            # contiguous: a strided [n, cols, h] slice would run the head as n skinny products (bmm)
+            # instead of one over n·cols rows (half the speed on an H200)
+            yield lambda cols: head(hidden[:, cols].contiguous())
 
 
 _separable: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
