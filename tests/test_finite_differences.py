@@ -229,9 +229,9 @@ def test_microbatch_size_does_not_change_results_float32(setups, mode):
     def results(microbatch_size):
         estimate = entropy_estimate(model, batch, microbatch_size=microbatch_size)
         prediction = predict_delta_h(model, batch, base, delta, microbatch_size=microbatch_size)
-        # The library runs every probe pass on the MATH attention kernel, which is row-for-row
-        # the same at any batch size (CPU flash attention splits its work by batch size, which
-        # moved float32 per-token values by ~1e-7 and ΔH by ~1e-5..1e-4 relative).
+        # The library runs every probe pass on its own attention (attention.grouped_attention),
+        # row-for-row the same at any batch size (CPU flash attention splits its work by batch
+        # size, which moved float32 per-token values by ~1e-7 and ΔH by ~1e-5..1e-4 relative).
         measurement = measure_delta_h(model, batch, base, delta, scales=(0.5, 1.0),
                                       microbatch_size=microbatch_size)
         return {"entropy": estimate.value, "entropy_se": estimate.se, "linear": prediction.linear,
