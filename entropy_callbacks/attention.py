@@ -77,7 +77,9 @@ def _interface():
 def probe_attention(model: torch.nn.Module) -> Iterator[None]:
     """For the duration, a model configured for SDPA (or for a fused-only implementation, switched
     to "sdpa" meanwhile) runs ``grouped_attention``; a direct SDPA call runs on the MATH kernel.
-    Everything is put back afterwards."""
+    Everything is put back afterwards. The switch is Hugging Face's global registry entry, so
+    another model running SDPA in this process at the same moment gets it too: the same
+    function, to rounding."""
     inner = hf_model(model)
     original = getattr(getattr(inner, "config", None), "_attn_implementation", None)
     switch = original in _FUSED_ONLY and hasattr(inner, "set_attn_implementation")
