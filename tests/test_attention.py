@@ -102,3 +102,15 @@ def test_models_run_it_inside_probe_attention_and_sdpa_outside(tmp_path, arch, m
     assert len(calls) == model.config.num_hidden_layers
     assert interface._global_mapping["sdpa"] is sdpa  # put back
     torch.testing.assert_close(ours[mask.bool()], plain[mask.bool()], rtol=1e-12, atol=1e-12)
+
+
+def test_probe_attention_puts_the_registry_back_after_an_exception(tmp_path):
+    model = tiny_model("llama", tmp_path)
+    interface = attention._interface()
+    sdpa = interface._global_mapping["sdpa"]
+    with pytest.raises(RuntimeError, match="inside"):
+        with probe_attention(model):
+            assert interface._global_mapping["sdpa"] is not sdpa
+            raise RuntimeError("inside")
+    assert interface._global_mapping["sdpa"] is sdpa
+    assert model.config._attn_implementation == "sdpa"
