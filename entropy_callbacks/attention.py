@@ -56,8 +56,8 @@ def grouped_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value
     scores = torch.matmul(q, key.transpose(-1, -2)).view(batch, kv_heads, rep, length, kv_length)
     if attention_mask is not None:
         mask = attention_mask[..., :kv_length]
-        if mask.dim() == 4:  # [B, 1 or H, L, S] onto [B, Hkv, rep, L, S]
-            mask = mask[:, :, None] if mask.shape[1] == 1 else mask.view(mask.shape[0], kv_heads, rep, length, kv_length)
+        if mask.dim() == 4:  # [B, 1 or H, L or 1, S] onto [B, Hkv, rep, L, S]
+            mask = mask[:, :, None] if mask.shape[1] == 1 else mask.unflatten(1, (kv_heads, rep))
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     probs = torch.ops.aten._safe_softmax(scores, -1)
     out = torch.matmul(probs.view(batch, kv_heads, rep * length, kv_length), value)
