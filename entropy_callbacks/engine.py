@@ -208,9 +208,13 @@ def measurement_terms(model, batch: ProbeBatch, base: Mapping[str, Tensor], delt
         with probe_mode(model), pass_numerics(model, partner_point.dtype):
             at_partner = [score_values(model, mb, partner_point, estimator, at_origin=True)
                           for mb in batch.select(rows).microbatches(microbatch_size)]
-        partner_log_prob, partner_integrand = (
-            torch.full((len(batch),), math.nan, dtype=torch.float64).index_copy_(0, rows.cpu(), _cpu(torch.cat(v)))
-            for v in ([v.log_prob for v in at_partner], [v.integrand for v in at_partner]))
+
+        def over_e(parts: list[Tensor]) -> Tensor:  # the re-run rows in place, NaN elsewhere
+            return torch.full((len(batch),), math.nan, dtype=torch.float64).index_copy_(
+                0, rows.cpu(), _cpu(torch.cat(parts)))
+
+        partner_log_prob = over_e([v.log_prob for v in at_partner])
+        partner_integrand = over_e([v.integrand for v in at_partner])
     else:
         partner_log_prob, partner_integrand = partner.log_prob, partner.integrand
     zeros = torch.zeros(len(batch), dtype=torch.float64)

@@ -27,7 +27,7 @@ from .attention import probe_attention
 
 
 def layer_norm_exact(x: torch.Tensor, normalized_shape: Sequence[int], weight=None, bias=None,
-                      eps: float = 1e-5) -> torch.Tensor:
+                     eps: float = 1e-5) -> torch.Tensor:
     """F.layer_norm written with mean/rsqrt: the same function, with exact derivatives of any order."""
     dims = tuple(range(-len(normalized_shape), 0))
     centred = x - x.mean(dims, keepdim=True)

@@ -24,15 +24,14 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 from torch.func import jvp
 
-from .taylor import Jet, coefficients, degree
-
-from .distribution import entropy, mass_outside, sampling_log_probs
 from .attention import probe_attention
+from .distribution import entropy, mass_outside, sampling_log_probs
 from .forward_mode import forward_ad_ready, nested_jvp_ready
 from .layerwise import parameters_at
 from .model_guard import forward_kwargs, hf_model, left_padded_positions
 from .params import StepPoint
 from .sampling import ProbeBatch
+from .taylor import Jet, coefficients, degree
 
 
 @dataclass
