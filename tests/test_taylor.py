@@ -180,15 +180,22 @@ def test_models_match_torch_forward_ad(tmp_path, monkeypatch, arch, lora, trunca
         assert ours.d2_log_prob is None and ours.d2_integrand is None
 
 
+def _small_case(arch: str, tmp_path):
+    """A float64 model of ``arch``, E of 2 prompts × 2 responses of up to 4 tokens, θ₀ and a
+    random Δθ of scale 0.1 on every parameter."""
+    model = tiny_model(arch, tmp_path, dtype=torch.float64).eval()
+    batch = sample_batch(model, [[3, 4], [5]], SamplingConfig(max_new_tokens=4), eos_token_id=EOS,
+                         pad_token_id=PAD, responses_per_prompt=2, seed=0)
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    delta = {n: 0.1 * torch.randn_like(p) for n, p in base.items()}
+    return model, batch, base, delta
+
+
 def test_missing_rule_falls_back_to_nested_jvp(tmp_path, monkeypatch):
     """A model with an operation Taylor mode cannot run still gets its second derivatives, by
     nested JVPs, with a warning that names the operation."""
     with float64_rmsnorm():
-        model = tiny_model("llama", tmp_path, dtype=torch.float64).eval()
-        batch = sample_batch(model, [[3, 4], [5]], SamplingConfig(max_new_tokens=4), eos_token_id=EOS,
-                             pad_token_id=PAD, responses_per_prompt=2, seed=0)
-        base = {n: p.detach().clone() for n, p in model.named_parameters()}
-        delta = {n: 0.1 * torch.randn_like(p) for n, p in base.items()}
+        model, batch, base, delta = _small_case("llama", tmp_path)
         ours = _derivatives(model, batch, base, delta)
         rules = dict(taylor._RULES)
         del rules[torch.ops.aten.silu.default]
@@ -205,11 +212,7 @@ def test_torch_forward_ad_switch(tmp_path, monkeypatch, order):
     """``scoring.torch_forward_ad()`` runs derivative passes without jets (not one rule is
     consulted, and nothing warns), with the same numbers."""
     with float64_rmsnorm():
-        model = tiny_model("qwen2", tmp_path, dtype=torch.float64).eval()
-        batch = sample_batch(model, [[3, 4], [5]], SamplingConfig(max_new_tokens=4), eos_token_id=EOS,
-                             pad_token_id=PAD, responses_per_prompt=2, seed=0)
-        base = {n: p.detach().clone() for n, p in model.named_parameters()}
-        delta = {n: 0.1 * torch.randn_like(p) for n, p in base.items()}
+        model, batch, base, delta = _small_case("qwen2", tmp_path)
         ours = _derivatives(model, batch, base, delta, order)
         monkeypatch.setattr(taylor, "_RULES", {})  # a jet anywhere would now fail
         with scoring.torch_forward_ad(), warnings.catch_warnings():
