@@ -23,7 +23,7 @@ from .precision import (PassPrecision, Precision, check_precision, effective_dty
                         pass_numerics, resolve_precision, unit_roundoff)
 from .results import Estimate, Measurement, Prediction
 from .sampling import ProbeBatch
-from .scoring import score_derivatives, score_values
+from .scoring import score_derivatives, score_values, vocab_size
 
 OUTSIDE_SUPPORT_WARNING = 1e-3
 
@@ -94,6 +94,7 @@ class MeasurementTerms:
     partner_log_prob: Tensor
     partner_integrand: Tensor
     roundoff_ratio: float
+    vocab_size: int  # V, for the float64 arithmetic's share of the floor (estimators.arithmetic_floor)
     proposal_log_prob: Tensor | None = None  # log p(y_i) when E came from another proposal
 
 
@@ -143,7 +144,7 @@ def concat_terms(parts: Sequence):
     merged = {}
     for name in first.__dataclass_fields__:
         values = [getattr(p, name) for p in parts]
-        if values[0] is None or isinstance(values[0], float):  # per-pass constants: the same on every rank
+        if values[0] is None or isinstance(values[0], (int, float)):  # per-pass constants: the same on every rank
             merged[name] = values[0]
         elif isinstance(values[0], list):
             merged[name] = [torch.cat([v[k] for v in values])[order] for k in range(len(values[0]))]
@@ -232,6 +233,7 @@ def measurement_terms(model, batch: ProbeBatch, base: Mapping[str, Tensor], delt
         # A lower-precision partner's error, scaled by the ratio of unit roundoffs, estimates the
         # value passes' error; a higher-precision partner's difference is that error itself.
         roundoff_ratio=min(1.0, unit / partner_roundoff),
+        vocab_size=vocab_size(model),
         proposal_log_prob=_cpu(batch.proposal_log_probs),
     )
     _check_finite_origin(terms.log_prob_origin, terms.integrand_origin, model, dtype,
@@ -246,15 +248,18 @@ def summarize_measurement(terms: MeasurementTerms, scales: Sequence[float], norm
     norm = estimators.normaliser(terms.token_counts, normalize)
     base = estimators.proposal_weights(terms.log_prob_origin, terms.proposal_log_prob)
     before = estimators.entropy_at_origin(terms.integrand_origin, norm, terms.group, base, controls)
+    shifts = [estimators.measured_shift(estimators.snis_weights(log_prob, sampled_from(terms)), integrand,
+                                        terms.integrand_origin, norm, terms.group, base, controls,
+                                        entropy_before=before.value)
+              for log_prob, integrand in zip(terms.log_prob, terms.integrand)]
+    num_tokens = float(terms.token_counts.sum())
     floor = estimators.rounding_floor(terms.integrand_origin, norm,
                                       terms.roundoff_ratio * (terms.partner_log_prob - terms.log_prob_origin),
                                       terms.roundoff_ratio * (terms.partner_integrand - terms.integrand_origin), base)
-    num_tokens = float(terms.token_counts.sum())
-    shifts, outside, usable = [], [], []
+    floor += estimators.arithmetic_floor([before.value, max((abs(s.after) for s in shifts), default=0.0)],
+                                         int(num_tokens), terms.vocab_size)
+    outside, usable = [], []
     for k, scale in enumerate(scales):
-        weights = estimators.snis_weights(terms.log_prob[k], sampled_from(terms))
-        shifts.append(estimators.measured_shift(weights, terms.integrand[k], terms.integrand_origin, norm,
-                                                terms.group, base, controls, entropy_before=before.value))
         mass = float(terms.outside_mass[k].sum()) / num_tokens
         outside.append(mass)
         # A proposal (the defensive one, or the user's engine) draws where q_θ₀ does not.
@@ -263,8 +268,8 @@ def summarize_measurement(terms: MeasurementTerms, scales: Sequence[float], norm
             warnings.warn(f"at scale {scale:g} the step moved {mass:.2e} of the sampling mass per token outside "
                           "θ₀'s top-k/top-p support; SNIS cannot see those sequences, so the measured ΔH is "
                           "biased there", stacklevel=3)
-        if warn and abs(shifts[-1].delta) < floor:
-            warnings.warn(f"at scale {scale:g} the measured ΔH ({shifts[-1].delta:.3e}) is below the estimated "
+        if warn and abs(shifts[k].delta) < floor:
+            warnings.warn(f"at scale {scale:g} the measured ΔH ({shifts[k].delta:.3e}) is below the estimated "
                           f"rounding error of its passes ({floor:.1e}); it is float rounding, not the step. "
                           "Measure with precision='float64' (docs/method.md, Precision)", stacklevel=3)
     return Measurement(

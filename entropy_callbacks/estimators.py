@@ -393,6 +393,23 @@ def rounding_floor(integrand: Tensor, norm: Tensor, log_prob_error: Tensor, inte
     return float(2 * r[known].abs().sum() * (r.numel() / int(known.sum())))
 
 
+def arithmetic_floor(entropies: Sequence[float], num_tokens: int, vocab_size: int) -> float:
+    """The rounding of forming each Ĥ itself in float64, which no partner pass sees (both take
+    the vocabulary side in float64), summed over the points a ΔH differences.
+
+    Ĥ sums T token entropies, each a sum of V terms −q log q ≥ 0; cascade summation rounds a
+    sum of n terms of one sign by at most u log₂ n of it, so each Ĥ is off by at most
+    u₆₄ (log₂(V T) + 4) |Ĥ| (the 4: exp, log, the ratio, the difference):
+
+        floor_arith = u₆₄ (log₂(V T) + 4) Σ_points |Ĥ| .
+
+    Measured: two float64 evaluations of one ΔH on different attention kernels differed by
+    9e-16 (1 ulp of Ĥ ≈ 4.2), where the partner-pass floor alone claimed 5e-19.
+    """
+    depth = math.log2(max(2, vocab_size) * max(1, num_tokens)) + 4
+    return float(torch.finfo(torch.float64).eps / 2 * depth * sum(abs(h) for h in entropies))
+
+
 @dataclass(frozen=True)
 class TaylorTerms:
     """g(0), g′(0), g″(0) and g′ + ½ g″ along Δθ, each with its leave-outs, and per-sequence

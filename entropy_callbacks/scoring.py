@@ -160,7 +160,7 @@ def _position_terms(model, batch: ProbeBatch, point: StepPoint, estimator: str, 
     force = targets if at_origin and batch.proposal_log_probs is None else None
     columns = []
     with _response_logits(model, batch, point) as logits_for:
-        for cols in _position_chunks(len(batch), targets.shape[1], _vocab_size(model), targets.device):
+        for cols in _position_chunks(len(batch), targets.shape[1], vocab_size(model), targets.device):
             chunk = logits_for(cols)
             if vocab_float64:
                 chunk = chunk.to(torch.float64)
@@ -185,7 +185,7 @@ VOCAB_CHUNK = 1 << 24
 VOCAB_CHUNK_GPU = 1 << 27
 
 
-def _vocab_size(model: torch.nn.Module) -> int:
+def vocab_size(model: torch.nn.Module) -> int:
     head = model.get_output_embeddings()
     weight = getattr(head, "weight", None)
     return int(weight.shape[0]) if weight is not None else int(hf_model(model).config.vocab_size)
