@@ -73,16 +73,38 @@ def _interface():
     return AttentionInterface
 
 
+def fused_sdpa_is_exact(device: torch.device) -> bool:
+    """Whether SDPA's fused kernel on ``device`` computes a pass as exactly as
+    ``grouped_attention`` does, so that a pass that differentiates nothing may keep it. On a CPU
+    it does: its flash kernel takes float64 and float32 and rounds in the input dtype, and it was
+    7 % of a float64 value pass cheaper (Llama h256, E 16 × 80). On CUDA float64 has no fused
+    kernel (SDPA would fall back to MATH, the slow kernel above), and whether the float32
+    efficient kernel stays IEEE with TF32 allowed has not been measured here."""
+    return device.type == "cpu"
+
+
 @contextlib.contextmanager
-def probe_attention(model: torch.nn.Module) -> Iterator[None]:
+def probe_attention(model: torch.nn.Module, *, differentiated: bool = True) -> Iterator[None]:
     """For the duration, a model configured for SDPA (or for a fused-only implementation, switched
     to "sdpa" meanwhile) runs ``grouped_attention``; a direct SDPA call runs on the MATH kernel.
     Everything is put back afterwards. The switch is Hugging Face's global registry entry, so
     another model running SDPA in this process at the same moment gets it too: the same
-    function, to rounding."""
+    function, to rounding.
+
+    ``differentiated=False`` (a value pass): where ``fused_sdpa_is_exact``, SDPA keeps its fused
+    kernel instead."""
     inner = hf_model(model)
     original = getattr(getattr(inner, "config", None), "_attn_implementation", None)
     switch = original in _FUSED_ONLY and hasattr(inner, "set_attn_implementation")
+    if not differentiated and fused_sdpa_is_exact(next(model.parameters()).device):
+        if switch:
+            inner.set_attn_implementation("sdpa")
+        try:
+            yield
+        finally:
+            if switch:
+                inner.set_attn_implementation(original)
+        return
     interface = _interface()
     sdpa = None if interface is None else interface._global_mapping.get("sdpa")
     if switch:

@@ -4,7 +4,7 @@ Three facts about this stack (docs/method.md §9) are handled here, and only her
 jets, ``taylor``, need only the first; the other two concern the nested-JVP fallback):
 
 - Fused attention kernels (CPU flash, CUDA flash/efficient, the flash-attn package) have no
-  forward-AD rule: every probe pass runs ``attention.grouped_attention`` in SDPA's place
+  forward-AD rule: every derivative pass runs ``attention.grouped_attention`` in SDPA's place
   (``attention.probe_attention``), and a model configured for a flash implementation is switched
   to "sdpa" for the pass and back afterwards.
 - ``F.layer_norm``'s second-order forward derivative is wrong in this torch with no error

@@ -211,8 +211,13 @@ def score_values(model, batch: ProbeBatch, point: StepPoint, estimator: str, *,
     runs in float64: in float32 its rounding was most of a float32 value pass's error (on Qwen2,
     f_i off by 2e-6 against 7e-9 from the network), at a small share of its cost. Derivative
     passes need no such care: they difference nothing.
+
+    Attention: under a precision policy the pass keeps SDPA's fused kernel where that is exact
+    (``attention.fused_sdpa_is_exact``: on a CPU), since nothing here is differentiated. In the
+    model's own dtypes a derivative pass's θ₀ values may stand in for this pass
+    (``engine.measurement_terms``), so it runs ``grouped_attention`` as they do: one function.
     """
-    with probe_attention(model):
+    with probe_attention(model, differentiated=point.dtype is None):
         token_log_prob, token_integrand, outside, support = _position_terms(
             model, batch, point, estimator, at_origin=at_origin,
             reference_support=reference_support, keep_support=keep_support, vocab_float64=point.dtype is not None)

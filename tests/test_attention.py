@@ -114,3 +114,36 @@ def test_probe_attention_puts_the_registry_back_after_an_exception(tmp_path):
             raise RuntimeError("inside")
     assert interface._global_mapping["sdpa"] is sdpa
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_value_passes_under_a_policy_keep_the_fused_kernel_on_cpu(tmp_path, monkeypatch):
+    """Nothing is differentiated in a value pass: under a precision policy it keeps SDPA's fused
+    CPU kernel. In the model's own dtypes, where a derivative pass's θ₀ values may replace it
+    (engine.measurement_terms), it runs grouped_attention as derivative passes do."""
+    from entropy_callbacks import SamplingConfig, sample_batch
+    from entropy_callbacks.model_guard import probe_mode
+    from entropy_callbacks.params import StepPoint
+    from entropy_callbacks.precision import pass_numerics
+    from entropy_callbacks.scoring import score_derivatives, score_values
+
+    model = tiny_model("llama", tmp_path)
+    batch = sample_batch(model, [[3, 4], [5, 6, 7]], SamplingConfig(max_new_tokens=4), eos_token_id=1,
+                         pad_token_id=0, seed=0)
+    calls = []
+    monkeypatch.setattr(attention, "grouped_attention",
+                        lambda *a, **k: calls.append(1) or grouped_attention(*a, **k))
+    layers = model.config.num_hidden_layers
+    values = {}
+    for dtype in (torch.float64, torch.float32, None):
+        calls.clear()
+        with probe_mode(model), pass_numerics(model, dtype):
+            values[dtype] = score_values(model, batch, StepPoint({}, {}, 0.0, dtype), "rb", at_origin=True)
+        assert len(calls) == (layers if dtype is None else 0), dtype
+    calls.clear()
+    with probe_mode(model), pass_numerics(model, None):
+        score_derivatives(model, batch, {}, {n: torch.zeros_like(p) for n, p in model.named_parameters()},
+                          None, "rb", order=1)
+    assert len(calls) == layers
+    # the same function: float32 on either kernel agrees with float64 to float32 rounding
+    for dtype in (torch.float32, None):
+        torch.testing.assert_close(values[dtype].log_prob, values[torch.float64].log_prob, rtol=1e-5, atol=1e-5)
