@@ -42,7 +42,8 @@ def sampling_log_probs(logits: Tensor, config, support: Tensor | None = None,
     adds those tokens to it. Computation runs in at least float32.
     """
     z = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-    z = z / config.temperature
+    if config.temperature != 1.0:  # z / 1 is z bitwise: skip a pass over [n, M, V]
+        z = z / config.temperature
     if support is None:
         support = support_mask(z, config.top_k, config.top_p)
     if support is not None and force is not None:
