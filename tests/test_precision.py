@@ -250,3 +250,50 @@ def test_floor_from_a_partner_over_part_of_e_scales_its_sum():
     r = (e_f + (f - f.sum() / c.sum() * c) * e_s) / c.sum()
     assert partial == pytest.approx(2 * r[rows].abs().sum().item() * 16 / len(rows), rel=1e-12)
     assert rounding_floor(f, c, e_s, e_f) == pytest.approx(2 * r.abs().sum().item(), rel=1e-12)
+
+
+def test_arithmetic_floor_bounds_float64s_own_rounding_of_delta_h():
+    """A float64 ΔH formed from float64 logits — log-softmax, entropy over V, sums over tokens
+    and sequences, the SNIS ratios — against the same ΔH in 50-digit decimal arithmetic from
+    the same logits: its error, which no partner pass sees, is within estimators.arithmetic_floor."""
+    from decimal import Decimal, getcontext
+
+    from entropy_callbacks import estimators
+    from entropy_callbacks.distribution import entropy, sampling_log_probs
+
+    getcontext().prec = 50
+    gen = torch.Generator().manual_seed(0)
+    n, m, v = 6, 10, 48
+    z0 = torch.randn(n, m, v, generator=gen, dtype=torch.float64) * 3
+    z1 = z0 + 1e-6 * torch.randn(n, m, v, generator=gen, dtype=torch.float64)
+    tokens = torch.randint(0, v, (n, m), generator=gen)
+
+    def in_float64(z):
+        log_q, _ = sampling_log_probs(z, CONFIG)
+        return log_q.gather(-1, tokens[..., None])[..., 0].sum(-1), entropy(log_q, None).sum(-1)
+
+    def exact(z):
+        s, f = [], []
+        for i in range(n):
+            s_i = f_i = Decimal(0)
+            for t in range(m):
+                logits = [Decimal(x) for x in z[i, t].tolist()]
+                lse = sum(x.exp() for x in logits).ln()
+                log_q = [x - lse for x in logits]
+                s_i += log_q[int(tokens[i, t])]
+                f_i -= sum(l.exp() * l for l in log_q)
+            s.append(s_i)
+            f.append(f_i)
+        return s, f
+
+    (s0, f0), (s1, f1) = in_float64(z0), in_float64(z1)
+    c = torch.full((n,), float(m), dtype=torch.float64)
+    shift = estimators.measured_shift(estimators.snis_weights(s1, s0), f1, f0, c, torch.arange(n))
+    (e_s0, e_f0), (e_s1, e_f1) = exact(z0), exact(z1)
+    w = [(a - b).exp() for a, b in zip(e_s1, e_s0)]
+    before = sum(e_f0) / (n * m)
+    delta = sum(wi * fi for wi, fi in zip(w, e_f1)) / (sum(w) * m) - before
+    error = abs(Decimal(shift.delta) - delta)
+    floor = estimators.arithmetic_floor([float(before), shift.after], n * m, v)
+    assert 0 < error <= floor
+    assert floor < 1e-14 * float(before) * 30  # ~u₆₄ log₂(V T): far below any step's ΔH
