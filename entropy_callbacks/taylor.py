@@ -210,14 +210,18 @@ def _mul(func, a, b):
 
 
 def _fma(acc: Tensor | None, x: Tensor | None, y: Tensor | None, factor: float = 1) -> Tensor | None:
-    """acc + factor·x·y, fused where possible (None: zero)."""
+    """acc + factor·x·y, fused where possible (None: zero). Every caller passes an ``acc`` it
+    has just computed and holds no other reference to, so it is added into in place when it
+    already has the result's shape and dtype (an out-of-place addcmul allocates and first-touches
+    a tensor of that size: 3.7 against 3.2 ms at [1280, 688] in float64 on a CPU)."""
     if x is None or y is None:
         return acc
     if acc is None:
         return x * y if factor == 1 else torch.mul(x, y).mul_(factor)
-    if acc.shape != torch.broadcast_shapes(acc.shape, x.shape, y.shape):
-        acc = acc.expand(torch.broadcast_shapes(acc.shape, x.shape, y.shape))
-    return torch.addcmul(acc, x, y, value=factor)
+    shape = torch.broadcast_shapes(acc.shape, x.shape, y.shape)
+    if acc.shape == shape and acc.dtype == torch.promote_types(acc.dtype, torch.promote_types(x.dtype, y.dtype)):
+        return acc.addcmul_(x, y, value=factor)
+    return torch.addcmul(acc.expand(shape), x, y, value=factor)
 
 
 def _matmul_derivatives(op: Callable[[Tensor, Tensor], Tensor], a, b) -> tuple[Tensor | None, Tensor | None]:
