@@ -163,7 +163,10 @@ def _add_rule(func, a, b, *, alpha=1):
     def combine(x, y):
         if y is None:
             return None if x is None else _broadcast(x, value)
-        return _broadcast(_add(x, sign * y), value)
+        # ±1 without multiplying by it: a pass over the tensor less (x + 1·y is x + y bitwise)
+        if x is None:
+            return _broadcast(y if sign == 1 else -y if sign == -1 else sign * y, value)
+        return _broadcast(x + y if sign == 1 else x - y if sign == -1 else x + sign * y, value)
 
     return _jet(value, combine(a1, b1), combine(a2, b2))
 
