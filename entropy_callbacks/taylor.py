@@ -380,16 +380,18 @@ def _softmax_family(log: bool):
             return out
         p = out.exp() if log else out
         mean = lambda t: (p * t).sum(dim, keepdim=True)  # noqa: E731  (0·t where p = 0)
+        # l1, l2 are fresh tensors of this rule's own, so the rest updates them in place
         l1 = None if first is None else first - mean(first)
         l2 = None if second is None else second - mean(second)
         if l1 is not None and _degree == 2:
-            l2 = _add(l2, -mean(l1.square()))
+            spread = mean(l1.square())
+            l2 = (-spread).expand(out.shape).clone() if l2 is None else l2.sub_(spread)
         if log:
             return _jet(out, l1, l2)
         # a fully masked row of _safe_softmax: p = 0 and every coefficient 0
         if l1 is not None and _degree == 2:
-            l2 = _add(l2, l1.square())
-        return _jet(out, None if l1 is None else p * l1, None if l2 is None else p * l2)
+            l2 = l2.add_(l1.square())
+        return _jet(out, None if l1 is None else l1.mul_(p), None if l2 is None else l2.mul_(p))
 
     return rule
 
