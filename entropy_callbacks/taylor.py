@@ -97,7 +97,7 @@ def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
 
 
 def _scale(a: Tensor | None, factor) -> Tensor | None:
-    return None if a is None else a * factor
+    return None if a is None else a if factor == 1 else a * factor  # a·1 would be a copy of a
 
 
 def _nth(x, k: int):
