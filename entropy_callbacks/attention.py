@@ -110,23 +110,15 @@ def probe_attention(model: torch.nn.Module, *, differentiated: bool = True) -> I
     inner = hf_model(model)
     original = getattr(getattr(inner, "config", None), "_attn_implementation", None)
     switch = original in _FUSED_ONLY and hasattr(inner, "set_attn_implementation")
-    if not differentiated and fused_sdpa_is_exact(next(model.parameters()).device):
-        if switch:
-            inner.set_attn_implementation("sdpa")
-        try:
-            yield
-        finally:
-            if switch:
-                inner.set_attn_implementation(original)
-        return
-    interface = _interface()
+    fused = not differentiated and fused_sdpa_is_exact(next(model.parameters()).device)
+    interface = None if fused else _interface()
     sdpa = None if interface is None else interface._global_mapping.get("sdpa")
     if switch:
         inner.set_attn_implementation("sdpa")
     if sdpa is not None:
         interface._global_mapping["sdpa"] = lambda *args, **kwargs: grouped_attention(*args, sdpa=sdpa, **kwargs)
     try:
-        with sdpa_kernel([SDPBackend.MATH]):
+        with contextlib.nullcontext() if fused else sdpa_kernel([SDPBackend.MATH]):
             yield
     finally:
         if sdpa is not None:
