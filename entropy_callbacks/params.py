@@ -103,8 +103,12 @@ class StepPoint:
             # same float64 arithmetic as a converted copy), so a float64 pass over a float32 model
             # allocates one float64 weight, not three (on a CPU each is page faults: a 151,936-token
             # embedding is 1.1 GB in float64)
+            step = step.detach().to(param.device)
+            if origin.dtype == self.dtype and torch.promote_types(self.dtype, step.dtype) == self.dtype:
+                # nothing to convert: one out-of-place add reads θ₀ once instead of copying it first
+                return torch.add(origin.to(param.device), step, alpha=self.scale)
             value = origin.to(param.device, self.dtype, copy=True)
-            return value.add_(step.detach().to(param.device), alpha=self.scale)
+            return value.add_(step, alpha=self.scale)
         if not moves:
             return origin.to(param.device)
         wide = torch.promote_types(param.dtype, torch.float32)

@@ -100,7 +100,7 @@ def _scale(a: Tensor | None, factor) -> Tensor | None:
 
 
 # An aten op's arguments nest at most one level (Tensor[] and Tensor?[] lists), so these walk
-# lists, tuples and dicts directly: torch's pytree walk cost more than the rules themselves on small tensors.
+# lists, tuples and dicts directly, without torch's pytree (part of the jets' Python overhead).
 
 def _nth(x, k: int):
     """The k-th coefficient of every jet in (lists, tuples, dicts of) arguments; the rest unchanged."""
