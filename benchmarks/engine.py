@@ -10,7 +10,9 @@ side by side in one run:
 - forward        one teacher-forced ``model(input_ids, attention_mask, position_ids,
                  use_cache=False)`` of E under ``torch.no_grad`` -- the unit of every ratio
 - sampling       ``sample_batch`` drawing E (no target)
-- one scale      ``measure_delta_h(scales=(1,))``: the theta0 pass plus one scaled pass
+- one scale      ``measure_delta_h(scales=(1,))``: the theta0 pass plus one scaled pass, plus the
+                 partner pass of its rounding floor (a quarter of E in the partner precision), also
+                 timed on its own (``engine.floor_partner_pass``) beside it
 - further scale  ``measure_delta_h(scales=(1, 2))`` minus ``measure_delta_h(scales=(1,))``
 - order 1        ``predict_delta_h(order=1)``: one pass on jets cut at degree 1 (dual numbers)
 - order 2        ``predict_delta_h(order=2)``: one Taylor-mode pass (``entropy_callbacks.taylor``)
@@ -40,7 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import (PRESETS, add_model_arguments, add_run_arguments, check_run_arguments, prepare,  # noqa: E402
                      random_llama, random_qwen2, random_step, timer)
 from entropy_callbacks import SamplingConfig, measure_delta_h, predict_delta_h, sample_batch  # noqa: E402
-from entropy_callbacks.precision import PRECISIONS  # noqa: E402
+from entropy_callbacks.engine import floor_partner_pass  # noqa: E402
+from entropy_callbacks.params import StepPoint  # noqa: E402
+from entropy_callbacks.precision import PRECISIONS, effective_dtype, partner_dtype, resolve_precision  # noqa: E402
 from entropy_callbacks.scoring import torch_forward_ad  # noqa: E402
 
 TARGETS = {  # CPU targets with --dtype float64 (the precision policy then has nothing to do), × one forward
@@ -128,10 +132,14 @@ def main(argv=None) -> int:
             return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          use_cache=False).logits
 
+    # the floor's partner pass as measure_delta_h runs it (no prediction beside it to serve as partner)
+    partner_point = StepPoint(base, delta, 0.0,
+                              partner_dtype(effective_dtype(resolve_precision(args.precision, model).values, model)))
     ops: dict[str, Callable[[], object]] = {
         "forward": forward,
         "sampling": sample,
         "measure (1,)": lambda: measure_delta_h(model, batch, base, delta, scales=(1.0,), precision=args.precision),
+        "floor partner": lambda: floor_partner_pass(model, batch.to(args.device), partner_point, "rb", None),
         "measure (1,2)": lambda: measure_delta_h(model, batch, base, delta, scales=(1.0, 2.0),
                                                  precision=args.precision),
         "order 1": lambda: predict_delta_h(model, batch, base, delta, order=1, precision=args.precision),
@@ -163,7 +171,7 @@ def main(argv=None) -> int:
     # Each repeat runs F u1 F u2 F u3 F u4 F (F = forward, u = a unit of work, in an order rotated
     # from repeat to repeat); each unit's unit of cost is the mean of the two forwards around it.
     # The two measurements stay adjacent (order alternating) so their difference sees the same load.
-    units = [("sampling",), ("measure (1,)", "measure (1,2)"), ("order 1",), ("order 2",)]
+    units = [("sampling",), ("measure (1,)", "measure (1,2)", "floor partner"), ("order 1",), ("order 2",)]
     if args.compare_engines:
         units += [("order 1, torch AD",), ("order 2, torch AD",)]
     units = [unit for unit in units if unit[0] in ops]
@@ -185,10 +193,13 @@ def main(argv=None) -> int:
 
     fwd = times["forward"]
     further = [two - one for one, two in zip(times["measure (1,)"], times["measure (1,2)"])]
+    value_passes = [one - floor for one, floor in zip(times["measure (1,)"], times["floor partner"])]
     rows = [
         ("forward (no grad)", fwd, fwd, None),
         *([("sampling", times["sampling"], unit_of["sampling"], None)] if "sampling" in ops else []),
         ("one scale (incl. θ₀ pass)", times["measure (1,)"], unit_of["measure (1,)"], "one scale"),
+        ("  its floor's partner pass", times["floor partner"], unit_of["floor partner"], None),
+        ("  its value passes", value_passes, unit_of["measure (1,)"], None),
         ("each further scale", further, unit_of["measure (1,)"], "further scale"),
         ("order-1 prediction", times["order 1"], unit_of["order 1"], "order 1"),
         ("order-2 prediction", times["order 2"], unit_of["order 2"], "order 2"),
@@ -196,7 +207,8 @@ def main(argv=None) -> int:
     if args.compare_engines:
         rows += [("order 1, dual tensors", times["order 1, torch AD"], unit_of["order 1, torch AD"], None),
                  ("order 2, nested jvp", times["order 2, torch AD"], unit_of["order 2, torch AD"], None)]
-    fastest = {"forward (no grad)": min(fwd), "each further scale": min(times["measure (1,2)"]) - min(times["measure (1,)"])}
+    fastest = {"forward (no grad)": min(fwd), "each further scale": min(times["measure (1,2)"]) - min(times["measure (1,)"]),
+               "  its value passes": min(times["measure (1,)"]) - min(times["floor partner"])}
     med = statistics.median
     print()
     print(f"{'operation':<28}{'median s':>10}{'× forward':>11}{'range ×':>15}{'best ×':>9}{'target':>9}  result")
@@ -221,6 +233,7 @@ def main(argv=None) -> int:
     print()
     print("× forward: median over repeats of time / mean of the forwards timed just before and after it;")
     print("range: min–max of those ratios; best ×: fastest time / fastest forward;")
+    print("its value passes = one scale − its floor's partner pass (timed beside it);")
     print(f"further scale = measure(scales=(1, 2)) − measure(scales=(1,)); {failed} target(s) missed")
     if args.profile:
         for name in ("forward", "measure (1,)", "order 1", "order 2"):

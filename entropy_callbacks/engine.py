@@ -165,6 +165,23 @@ def floor_rows(n: int) -> Tensor:
     return torch.arange(0, n, max(1, min(FLOOR_STRIDE, n // FLOOR_MIN_ROWS)))
 
 
+def floor_partner_pass(model, batch: ProbeBatch, point: StepPoint, estimator: str,
+                       microbatch_size: int | None) -> tuple[Tensor, Tensor]:
+    """S_i and f_i at ``point`` (θ₀ in the partner precision) for the ``floor_rows`` of E, NaN
+    for the other rows: the pass a measurement runs for its rounding floor when no prediction
+    can serve as its partner."""
+    rows = floor_rows(len(batch))
+    with probe_mode(model), pass_numerics(model, point.dtype):
+        values = [score_values(model, mb, point, estimator, at_origin=True)
+                  for mb in batch.select(rows).microbatches(microbatch_size)]
+
+    def over_e(parts: list[Tensor]) -> Tensor:  # the re-run rows in place, NaN elsewhere
+        return torch.full((len(batch),), math.nan, dtype=torch.float64).index_copy_(
+            0, rows.cpu(), _cpu(torch.cat(parts)))
+
+    return over_e([v.log_prob for v in values]), over_e([v.integrand for v in values])
+
+
 def measurement_terms(model, batch: ProbeBatch, base: Mapping[str, Tensor], delta: Mapping[str, Tensor], *,
                       scales: Sequence[float], estimator: str, microbatch_size: int | None,
                       precision: PassPrecision, origin: PredictionTerms | None = None) -> MeasurementTerms:
@@ -191,7 +208,7 @@ def measurement_terms(model, batch: ProbeBatch, base: Mapping[str, Tensor], delt
     partner = origin if origin is not None and origin.roundoff != unit else None
     partner_roundoff = unit_roundoff(partner_dtype(rounds_in)) if partner is None else partner.roundoff
     origin_point = StepPoint(base, delta, 0.0, dtype)
-    partner_point = StepPoint(base, delta, 0.0, partner_dtype(rounds_in))
+    partner_point = StepPoint(base, delta, 0.0, partner_dtype(rounds_in))  # θ₀ in the partner precision
     at_origin, at_scale = [], [[] for _ in scales]
     with probe_mode(model), pass_numerics(model, dtype):
         for mb in batch.microbatches(microbatch_size):
@@ -205,17 +222,8 @@ def measurement_terms(model, batch: ProbeBatch, base: Mapping[str, Tensor], delt
             if reference is not None:
                 reference.support = None  # free it before the next microbatch
     if partner is None:
-        rows = floor_rows(len(batch))
-        with probe_mode(model), pass_numerics(model, partner_point.dtype):
-            at_partner = [score_values(model, mb, partner_point, estimator, at_origin=True)
-                          for mb in batch.select(rows).microbatches(microbatch_size)]
-
-        def over_e(parts: list[Tensor]) -> Tensor:  # the re-run rows in place, NaN elsewhere
-            return torch.full((len(batch),), math.nan, dtype=torch.float64).index_copy_(
-                0, rows.cpu(), _cpu(torch.cat(parts)))
-
-        partner_log_prob = over_e([v.log_prob for v in at_partner])
-        partner_integrand = over_e([v.integrand for v in at_partner])
+        partner_log_prob, partner_integrand = floor_partner_pass(model, batch, partner_point, estimator,
+                                                                 microbatch_size)
     else:
         partner_log_prob, partner_integrand = partner.log_prob, partner.integrand
     zeros = torch.zeros(len(batch), dtype=torch.float64)
