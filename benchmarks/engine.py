@@ -227,8 +227,8 @@ def main(argv=None) -> int:
             failed += not ok
             verdict = "pass" if ok else "FAIL"
             target_text = f"≤ {target:g}×"
-            if args.device != "cpu":
-                verdict += " (targets are for CPU)"
+            if args.device != "cpu" or args.dtype != "float64":
+                verdict += " (targets: CPU, float64)"
         print(f"{label:<28}{med(ts):>10.4f}{ratio:>10.2f}×{spread:>15}{best:>8.2f}×{target_text:>9}  {verdict}")
     print()
     print("× forward: median over repeats of time / mean of the forwards timed just before and after it;")
