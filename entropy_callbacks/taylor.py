@@ -161,8 +161,8 @@ def _view(func, x, size):
 
 def _concatenate(func, tensors, *args, **kwargs):
     """cat/stack: linear in the listed tensors jointly; a missing coefficient is zero."""
-    if _any_jet(args) or _any_jet(kwargs):
-        raise NotImplementedError(f"Taylor mode: {func} with a moving argument after the tensors")
+    if _any_jet(args) or _any_jet(kwargs) or "out" in kwargs:  # out= would hold the last coefficient written
+        raise NotImplementedError(f"Taylor mode: {func} with out= or a moving argument after the tensors")
     value = func([coefficients(t)[0] for t in tensors], *args, **kwargs)
 
     def order(k: int):

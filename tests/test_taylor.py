@@ -131,6 +131,13 @@ def test_an_operation_without_a_rule_is_named():
         torch.erfinv(Jet(rand(3), rand(3)))
 
 
+def test_cat_into_out_is_refused():
+    """cat(out=) on jets would leave one coefficient in ``out``: refused, so a pass falls back
+    to torch's forward AD instead of going on with it."""
+    with pytest.raises(NotImplementedError, match="out="):
+        torch.cat([Jet(rand(2), rand(2)), rand(2)], out=torch.empty(4, dtype=torch.float64))
+
+
 def _derivatives(model, batch, base, delta, order=2):
     return scoring.score_derivatives(model, batch, base, delta, None, "rb", order)
 
