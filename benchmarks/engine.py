@@ -43,8 +43,7 @@ from harness import (PRESETS, add_model_arguments, add_run_arguments, check_run_
                      random_llama, random_qwen2, random_step, timer)
 from entropy_callbacks import SamplingConfig, measure_delta_h, predict_delta_h, sample_batch  # noqa: E402
 from entropy_callbacks.engine import floor_partner_pass  # noqa: E402
-from entropy_callbacks.params import StepPoint  # noqa: E402
-from entropy_callbacks.precision import PRECISIONS, effective_dtype, partner_dtype, resolve_precision  # noqa: E402
+from entropy_callbacks.precision import PRECISIONS, effective_dtype, resolve_precision  # noqa: E402
 from entropy_callbacks.scoring import torch_forward_ad  # noqa: E402
 
 TARGETS = {  # CPU targets with --dtype float64 (the precision policy then has nothing to do), × one forward
@@ -133,13 +132,13 @@ def main(argv=None) -> int:
                          use_cache=False).logits
 
     # the floor's partner pass as measure_delta_h runs it (no prediction beside it to serve as partner)
-    partner_point = StepPoint(base, delta, 0.0,
-                              partner_dtype(effective_dtype(resolve_precision(args.precision, model).values, model)))
+    rounds_in = effective_dtype(resolve_precision(args.precision, model).values, model)
+    on_device = batch.to(args.device)
     ops: dict[str, Callable[[], object]] = {
         "forward": forward,
         "sampling": sample,
         "measure (1,)": lambda: measure_delta_h(model, batch, base, delta, scales=(1.0,), precision=args.precision),
-        "floor partner": lambda: floor_partner_pass(model, batch.to(args.device), partner_point, "rb", None),
+        "floor partner": lambda: floor_partner_pass(model, on_device, base, delta, rounds_in, "rb", None),
         "measure (1,2)": lambda: measure_delta_h(model, batch, base, delta, scales=(1.0, 2.0),
                                                  precision=args.precision),
         "order 1": lambda: predict_delta_h(model, batch, base, delta, order=1, precision=args.precision),

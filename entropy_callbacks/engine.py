@@ -165,11 +165,12 @@ def floor_rows(n: int) -> Tensor:
     return torch.arange(0, n, max(1, min(FLOOR_STRIDE, n // FLOOR_MIN_ROWS)))
 
 
-def floor_partner_pass(model, batch: ProbeBatch, point: StepPoint, estimator: str,
-                       microbatch_size: int | None) -> tuple[Tensor, Tensor]:
-    """S_i and f_i at ``point`` (θ₀ in the partner precision) for the ``floor_rows`` of E, NaN
-    for the other rows: the pass a measurement runs for its rounding floor when no prediction
-    can serve as its partner."""
+def floor_partner_pass(model, batch: ProbeBatch, base: Mapping[str, Tensor], delta: Mapping[str, Tensor],
+                       rounds_in: torch.dtype, estimator: str, microbatch_size: int | None) -> tuple[Tensor, Tensor]:
+    """S_i and f_i at θ₀ in the partner precision of value passes that round in ``rounds_in``,
+    for the ``floor_rows`` of E, NaN for the other rows: the pass a measurement runs for its
+    rounding floor when no prediction can serve as its partner."""
+    point = StepPoint(base, delta, 0.0, partner_dtype(rounds_in))
     rows = floor_rows(len(batch))
     with probe_mode(model), pass_numerics(model, point.dtype):
         values = [score_values(model, mb, point, estimator, at_origin=True)
@@ -208,7 +209,6 @@ def measurement_terms(model, batch: ProbeBatch, base: Mapping[str, Tensor], delt
     partner = origin if origin is not None and origin.roundoff != unit else None
     partner_roundoff = unit_roundoff(partner_dtype(rounds_in)) if partner is None else partner.roundoff
     origin_point = StepPoint(base, delta, 0.0, dtype)
-    partner_point = StepPoint(base, delta, 0.0, partner_dtype(rounds_in))  # θ₀ in the partner precision
     at_origin, at_scale = [], [[] for _ in scales]
     with probe_mode(model), pass_numerics(model, dtype):
         for mb in batch.microbatches(microbatch_size):
@@ -222,7 +222,7 @@ def measurement_terms(model, batch: ProbeBatch, base: Mapping[str, Tensor], delt
             if reference is not None:
                 reference.support = None  # free it before the next microbatch
     if partner is None:
-        partner_log_prob, partner_integrand = floor_partner_pass(model, batch, partner_point, estimator,
+        partner_log_prob, partner_integrand = floor_partner_pass(model, batch, base, delta, rounds_in, estimator,
                                                                  microbatch_size)
     else:
         partner_log_prob, partner_integrand = partner.log_prob, partner.integrand
