@@ -142,8 +142,13 @@ def _structural(func, x, *args, **kwargs):
     """Linear in its first argument, the rest are structure (shapes, dims, indices, dtypes)."""
     if _any_jet(args) or _any_jet(kwargs):
         raise NotImplementedError(f"Taylor mode: {func} with a moving argument after the first")
+    if "out" in kwargs:  # each coefficient would be written into out in turn: it would hold the last
+        raise NotImplementedError(f"Taylor mode: {func} with out=")
     value, first, second = coefficients(x)
     out = func(value, *args, **kwargs)
+    head = out[0] if isinstance(out, (list, tuple)) and out else out
+    if isinstance(head, Tensor) and not (head.is_floating_point() or head.is_complex()):
+        return out  # an integer or boolean result (a cast, ...) is constant along s
     firsts = None if first is None else func(first, *args, **kwargs)
     seconds = None if second is None else func(second, *args, **kwargs)
     if isinstance(out, (list, tuple)):
@@ -351,6 +356,9 @@ def _sqrt_d(x, y):
 def _pow_d(x, y, exponent):
     if exponent == 2:  # RMSNorm's x²: x.pow(1) would be a copy of x
         return _square_d(x, y)
+    if exponent in (0, 1):  # not e·x^(e−1) with e = 0 or e − 1 = 0: at x = 0 that is 0·inf = NaN
+        constant = torch.full_like(x, float(exponent))
+        return constant, lambda: torch.zeros_like(x)
     return exponent * x.pow(exponent - 1), lambda: exponent * (exponent - 1) * x.pow(exponent - 2)
 
 

@@ -131,11 +131,37 @@ def test_an_operation_without_a_rule_is_named():
         torch.erfinv(Jet(rand(3), rand(3)))
 
 
-def test_cat_into_out_is_refused():
-    """cat(out=) on jets would leave one coefficient in ``out``: refused, so a pass falls back
-    to torch's forward AD instead of going on with it."""
+INTO_OUT = {
+    "cat": lambda x, out: torch.cat([x, rand(2)], out=out),
+    "neg": lambda x, out: torch.neg(x, out=out[:2]),
+    "sum": lambda x, out: torch.sum(x, 0, keepdim=True, out=out[:1]),
+}
+
+
+@pytest.mark.parametrize("name", list(INTO_OUT))
+def test_out_is_refused(name):
+    """An op with out= on jets would write each coefficient into ``out`` in turn and leave the
+    last there: refused, so a pass falls back to torch's forward AD instead of going on with it."""
     with pytest.raises(NotImplementedError, match="out="):
-        torch.cat([Jet(rand(2), rand(2)), rand(2)], out=torch.empty(4, dtype=torch.float64))
+        INTO_OUT[name](Jet(rand(2), rand(2), rand(2)), torch.empty(4, dtype=torch.float64))
+
+
+def test_integer_cast_is_constant():
+    """x.to(int64) is a step function of s: no derivative, as in torch's forward AD."""
+    x0, v = [torch.tensor([1.7, -2.2, 0.4], dtype=torch.float64)], [torch.tensor([0.6, 3.4, -1.0], dtype=torch.float64)]
+    f = lambda x: x.to(torch.int64).double() * x + (x > 0).double()  # noqa: E731
+    for ours, reference in zip(jets(f, x0, v), nested(f, x0, v)):
+        assert torch.equal(ours, reference)
+    assert not isinstance(Jet(x0[0], v[0]).to(torch.int64), Jet)
+
+
+@pytest.mark.parametrize("exponent", [0, 1, 2, 3])
+def test_pow_at_zero(exponent):
+    """x.pow(e) at x = 0: e·x^(e−1) is 0·inf = NaN for e = 0, and its derivative for e = 1."""
+    f = lambda x: x.pow(exponent)  # noqa: E731
+    x0, v = [torch.tensor([0.0, 1.5, -2.0], dtype=torch.float64)], [rand(3)]
+    for ours, reference in zip(jets(f, x0, v), nested(f, x0, v)):
+        assert torch.isfinite(ours).all() and torch.allclose(ours, reference, rtol=1e-12, atol=1e-12), exponent
 
 
 def _derivatives(model, batch, base, delta, order=2):
