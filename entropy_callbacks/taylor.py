@@ -57,6 +57,9 @@ class Jet(Tensor):
     value: Tensor
     first: Tensor | None
     second: Tensor | None
+    # Whether another jet views this one's memory (set by the view rules); an in-place op on
+    # either is refused (``_in_place`` cannot write through to the other)
+    viewed: bool = False
 
     @staticmethod
     def __new__(cls, value: Tensor, first: Tensor | None = None, second: Tensor | None = None) -> Jet:
@@ -152,16 +155,28 @@ def _structural(func, x, *args, **kwargs):
     firsts = None if first is None else func(first, *args, **kwargs)
     seconds = None if second is None else func(second, *args, **kwargs)
     if isinstance(out, (list, tuple)):
-        return type(out)(_jet(v, None if firsts is None else f, None if seconds is None else s)
-                         for v, f, s in zip(out, firsts or out, seconds or out))
-    return _jet(out, firsts, seconds)
+        return _mark_views(x, type(out)(_jet(v, None if firsts is None else f, None if seconds is None else s)
+                                        for v, f, s in zip(out, firsts or out, seconds or out)))
+    return _mark_views(x, _jet(out, firsts, seconds))
 
 
 def _view(func, x, size):
     """view/_unsafe_view: the coefficients' strides may differ from the value's, so reshape."""
     value, first, second = coefficients(x)
-    return _jet(func(value, size), None if first is None else first.reshape(size),
-                None if second is None else second.reshape(size))
+    return _mark_views(x, _jet(func(value, size), None if first is None else first.reshape(size),
+                               None if second is None else second.reshape(size)))
+
+
+def _mark_views(x, out):
+    """Flag a jet and the jets that view its memory (a structural op's outputs), for ``_in_place``."""
+    if isinstance(x, Jet):
+        views = [t for t in (out if isinstance(out, (list, tuple)) else (out,))
+                 if isinstance(t, Jet) and t.value.untyped_storage().data_ptr() == x.value.untyped_storage().data_ptr()]
+        for t in views:
+            t.viewed = True
+        if views:
+            x.viewed = True
+    return out
 
 
 def _concatenate(func, tensors, *args, **kwargs):
@@ -465,13 +480,21 @@ def _local_scalar(func, x):
 
 
 def _in_place(func_out_of_place):
-    """An in-place op on a jet: computed out of place, then the jet's coefficients replaced."""
+    """An in-place op on a jet: computed out of place, then the jet's coefficients replaced.
+    Replacing cannot reach a jet that views the same memory (coefficients may be shared between
+    jets, so writing into them is no way out), so an op on a view or on a viewed jet is refused,
+    as is one that would change the jet's shape or dtype (torch would raise or keep the dtype)."""
 
     def rule(func, target, *args, **kwargs):
-        result = _RULES[func_out_of_place](func_out_of_place, target, *args, **kwargs)
         if not isinstance(target, Jet):
             raise NotImplementedError(f"Taylor mode: {func} writes a jet into a plain tensor")
-        target.value, target.first, target.second = coefficients(result)
+        if target.viewed:
+            raise NotImplementedError(f"Taylor mode: {func} on a jet that is a view or has views")
+        result = _RULES[func_out_of_place](func_out_of_place, target, *args, **kwargs)
+        value, first, second = coefficients(result)
+        if value.shape != target.shape or value.dtype != target.dtype:
+            raise NotImplementedError(f"Taylor mode: {func} that would change the shape or dtype of its target")
+        target.value, target.first, target.second = value, first, second
         return target
 
     return rule

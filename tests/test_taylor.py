@@ -164,6 +164,36 @@ def test_pow_at_zero(exponent):
         assert torch.isfinite(ours).all() and torch.allclose(ours, reference, rtol=1e-12, atol=1e-12), exponent
 
 
+def test_in_place_on_a_fresh_jet():
+    def f(a, b):
+        out = a * b
+        out.add_(b, alpha=2.0).mul_(a).div_(2.0).sub_(b)
+        return out
+
+    x0, v = [rand(3, 4), rand(3, 4)], [rand(3, 4), rand(3, 4)]
+    ours = jets(f, x0, v)
+    assert torch.equal(ours[0], f(*x0))
+    for mine, reference in zip(ours, nested(f, x0, v)):
+        assert torch.allclose(mine, reference, rtol=1e-12, atol=1e-12)
+
+
+IN_PLACE_REFUSED = {
+    "into a view": lambda x: x[0].add_(5.0),
+    "into a jet with a view": lambda x: (x.t(), x.add_(1.0)),
+    "into a jet viewed through reshape": lambda x: (x.view(-1), x.mul_(2.0)),
+    "broadcast to a larger shape": lambda x: x[0].clone().add_(torch.ones(2, 3, dtype=torch.float64)),
+    "to another dtype": lambda x: x.float().mul_(rand(2, 3)),
+}
+
+
+@pytest.mark.parametrize("name", list(IN_PLACE_REFUSED))
+def test_in_place_that_jets_cannot_follow_is_refused(name):
+    """Replacing a jet's coefficients cannot reach the jets that view it, and torch raises on a
+    shape change or keeps the dtype: refused, so that a pass falls back to torch's forward AD."""
+    with pytest.raises(NotImplementedError):
+        IN_PLACE_REFUSED[name](Jet(rand(2, 3), rand(2, 3), rand(2, 3)))
+
+
 def _derivatives(model, batch, base, delta, order=2):
     return scoring.score_derivatives(model, batch, base, delta, None, "rb", order)
 
