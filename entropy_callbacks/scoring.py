@@ -119,18 +119,20 @@ def _response_logits(model: torch.nn.Module, batch: ProbeBatch, point: StepPoint
             yield lambda cols: head(hidden[:, cols].contiguous())
 
 
-_separable: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_separable: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (decoder, head, separable)
 
 
 def _separable_head(model: torch.nn.Module, batch: ProbeBatch):
     """(decoder, LM head) when the model's logits are exactly head(decoder(x).last_hidden_state)
-    — checked once per model on the first sequence of E, bitwise — else None (a model that
-    scales or caps its logits after the head keeps its own forward)."""
-    if model not in _separable:
-        inner = hf_model(model)
-        get_decoder = getattr(inner, "get_decoder", None)
-        decoder, head = (get_decoder() if callable(get_decoder) else None), model.get_output_embeddings()
-        found = None
+    — checked on the first sequence of E, bitwise, once per model and again whenever its decoder
+    or head module is replaced (a LoRA injected into lm_head, resized embeddings) — else None (a
+    model that scales or caps its logits after the head keeps its own forward)."""
+    inner = hf_model(model)
+    get_decoder = getattr(inner, "get_decoder", None)
+    decoder, head = (get_decoder() if callable(get_decoder) else None), model.get_output_embeddings()
+    cached = _separable.get(model)
+    if cached is None or cached[0] is not decoder or cached[1] is not head:
+        separable = False
         if decoder is not None and head is not None and decoder is not inner:
             ids, mask = batch.input_ids[:1], batch.attention_mask[:1]
             positions = left_padded_positions(mask)
@@ -139,12 +141,11 @@ def _separable_head(model: torch.nn.Module, batch: ProbeBatch):
                     own = model(**forward_kwargs(model, ids, mask, positions), use_cache=False).logits
                     split = head(decoder(**forward_kwargs(decoder, ids, mask, positions),
                                          use_cache=False).last_hidden_state)
-                    if own.shape == split.shape and torch.equal(own, split):
-                        found = (decoder, head)
+                    separable = own.shape == split.shape and torch.equal(own, split)
                 except (TypeError, AttributeError, ValueError):  # a decoder with another interface
                     pass
-        _separable[model] = found
-    return _separable[model]
+        cached = _separable[model] = (decoder, head, separable)
+    return (decoder, head) if cached[2] else None
 
 
 def _position_terms(model, batch: ProbeBatch, point: StepPoint, estimator: str, *,

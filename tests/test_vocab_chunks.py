@@ -76,3 +76,29 @@ def test_split_head_is_used_only_where_it_is_the_models_own(tmp_path):
         assert torch.allclose(values.log_prob, expected, rtol=1e-12)
     finally:
         type(capped).forward = original
+
+
+def test_a_replaced_head_is_the_one_scored(tmp_path):
+    """Replacing the LM head module after a first probe (a LoRA injected into lm_head) must not
+    leave the probe on the old head: the split is checked again and its values are the model's own."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    model = tiny_model("llama", tmp_path, dtype=torch.float64).eval()
+    batch = sample_batch(model, [[3, 4], [5]], SamplingConfig(max_new_tokens=4), eos_token_id=EOS,
+                         pad_token_id=PAD, responses_per_prompt=2, seed=0)
+    empty = StepPoint({}, {}, 0.0, None)
+    scoring.score_values(model, batch, empty, "rb", at_origin=True)  # caches the split of the original head
+    old_head = model.get_output_embeddings()
+    torch.manual_seed(0)
+    model = inject_adapter_in_model(LoraConfig(r=2, lora_alpha=4, target_modules=["lm_head"],
+                                               init_lora_weights=False), model)
+    assert model.get_output_embeddings() is not old_head
+    values = scoring.score_values(model, batch, empty, "rb", at_origin=True)
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                       position_ids=(batch.attention_mask.cumsum(-1) - 1).clamp(min=0)).logits
+    log_q = logits[:, batch.prompt_length - 1:-1].log_softmax(-1)
+    targets = batch.input_ids[:, batch.prompt_length:]
+    counted = batch.response_mask[:, batch.prompt_length:]
+    expected = (log_q.gather(-1, targets[..., None]).squeeze(-1) * counted).sum(-1)
+    assert torch.allclose(values.log_prob, expected, rtol=1e-12)
