@@ -154,17 +154,27 @@ def jackknifed(columns: Tensor, group: Tensor, statistic: Statistic, controls: T
     minus the cross-fitted control-variate correction when ``controls`` [N, J] are given and
     there is enough data to fit it (``control_corrections``)."""
     dense, num_groups = group_index(group)
-    total = columns.sum(0)
     per_group = torch.zeros(num_groups, columns.shape[1], dtype=torch.float64).index_add_(0, dense, columns)
-    value, leave_out = float(statistic(total)), statistic(total - per_group)
+    value, leave_out = float(statistic(columns.sum(0))), statistic(_other_groups(per_group))
     correction = None if controls is None else control_corrections(columns, per_group, dense, statistic, controls,
                                                                    families or CONTROL_FAMILIES)
     if correction is None:
         return Jackknifed(value, leave_out)
     per_group_correction = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, dense, correction)
-    full = per_group_correction.sum()
-    return Jackknifed(value - float(full), leave_out - (full - per_group_correction), controlled=True,
+    return Jackknifed(value - float(per_group_correction.sum()),
+                      leave_out - _other_groups(per_group_correction[:, None])[:, 0], controlled=True,
                       correction=correction)
+
+
+def _other_groups(per_group: Tensor) -> Tensor:
+    """Row g: the sum of every row but g, of ``per_group`` [G, K], added up from the others
+    (exclusive prefix + suffix sums), not as total − row g: where one group holds nearly all the
+    weight, that difference would cancel to rounding noise (a leave-out SE off by half at a
+    log-weight gap of 36, NaN at 40)."""
+    zero = torch.zeros_like(per_group[:1])
+    before = torch.cat([zero, per_group[:-1].cumsum(0)])
+    after = torch.cat([per_group[1:].flip(0).cumsum(0).flip(0), zero])
+    return before + after
 
 
 def jackknife_se(columns: Tensor, group: Tensor, statistic: Statistic) -> float:
@@ -215,7 +225,7 @@ def control_corrections(columns: Tensor, per_group: Tensor, dense: Tensor, stati
     u = torch.where(usable, u / torch.where(usable, scale, 1.0), 0.0)
     # ψ for group g's fit is linearised at the sums without g, so β_(−g) owes nothing to group g.
     with torch.enable_grad():
-        leave_out = (columns.sum(0) - per_group).requires_grad_(True)
+        leave_out = _other_groups(per_group).requires_grad_(True)
         (gradients,) = torch.autograd.grad(statistic(leave_out).sum(), leave_out)
     influence = gradients @ columns.T  # [G, N]: ψ_i linearised without group g
     if not bool(torch.isfinite(influence).all() & torch.isfinite(u).all()):
@@ -354,14 +364,14 @@ def measured_shift(weights: Tensor, integrand: Tensor, integrand_origin: Tensor,
                    entropy_before: float | None = None) -> ShiftTerms:
     """ΔH(s) = Σ w f(θ_s) / Σ w c − Σ b f(θ₀) / Σ b c, with ESS = (Σw)² / Σw² / N.
 
-    With ``controls`` ΔH(s) is corrected by its control variates, and Ĥ(θ₀ + sΔθ) is
-    ``entropy_before`` (Ĥ(θ₀) as reported, corrected by its own) plus the corrected ΔH(s), so
-    that after − before = ΔH still holds.
+    With ``controls`` ΔH(s) is corrected by its control variates where they help, and
+    Ĥ(θ₀ + sΔθ) is ``entropy_before`` (Ĥ(θ₀) as reported, corrected by its own where they help)
+    plus ΔH(s), so that after − before = ΔH holds whichever of the two took controls.
     """
     columns = shift_columns(weights, integrand, integrand_origin, norm, base)
     shift = jackknifed(columns, group, _delta, _controls(controls, base))
     after = float(_ratio(columns.sum(0)))
-    if shift.controlled:
+    if controls is not None:  # Ĥ(θ₀) and ΔH(s) each take controls or not on their own evidence
         if entropy_before is None:
             entropy_before = entropy_at_origin(integrand_origin, norm, group, base, controls).value
         after = entropy_before + shift.value
@@ -382,15 +392,21 @@ def rounding_floor(integrand: Tensor, norm: Tensor, log_prob_error: Tensor, inte
     With a proposal, r_i = b_i [e_f,i + (f_i − Ĥ c_i) e_S,i] / Σ b c (S_i(θ₀) then enters b_i).
 
     Errors known for n of the N sequences only (NaN elsewhere: the partner pass re-ran a
-    subset) estimate the sum as (N / n) Σ_{i known} |r_i|.
+    subset) estimate the sum as (N / n) Σ_{i known} |r_i|. A sequence outside q_θ₀'s support
+    (b_i = 0, its errors −inf − (−inf) = NaN) has r_i = 0 exactly, re-run or not, so N and n
+    count the sequences with b_i > 0 only; NaN (unknown) when none of those was re-run.
     """
     f, c = _f64(integrand), _f64(norm)
     b = torch.ones_like(f) if base is None else _f64(base)
-    total = (b * c).sum()
-    value = (b * f).sum() / total
-    known = ~torch.isnan(_f64(log_prob_error))
-    r = weighted(((_f64(integrand_error) + (f - value * c) * _f64(log_prob_error)) / total)[:, None], base)[:, 0]
-    return float(2 * r[known].abs().sum() * (r.numel() / int(known.sum())))
+    sums = weighted(torch.stack([f, c], 1), base).sum(0)  # b_i f_i is 0, not 0·inf, where b_i = 0
+    total, value = sums[1], sums[0] / sums[1]
+    error_s, error_f = _f64(log_prob_error), _f64(integrand_error)
+    inside = b > 0
+    known = inside & ~torch.isnan(error_s)
+    if not bool(known.any()):
+        return math.nan
+    r = b[known] * (error_f[known] + (f[known] - value * c[known]) * error_s[known]) / total
+    return float(2 * r.abs().sum() * (int(inside.sum()) / int(known.sum())))
 
 
 def arithmetic_floor(entropies: Sequence[float], num_tokens: int, vocab_size: int) -> float:

@@ -10,6 +10,7 @@ nothing.
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 
 import pytest
@@ -297,3 +298,35 @@ def test_arithmetic_floor_bounds_float64s_own_rounding_of_delta_h():
     floor = estimators.arithmetic_floor([float(before), shift.after], n * m, v)
     assert 0 < error <= floor
     assert floor < 1e-14 * float(before) * 30  # ~u₆₄ log₂(V T): far below any step's ΔH
+
+
+def test_floor_with_sequences_outside_the_support():
+    """Under a proposal a sequence outside q_θ₀'s support has b_i = 0 and S_i = −inf, so its
+    errors are −inf − (−inf) = NaN whether it was re-run or not. It contributes 0 exactly: not
+    NaN (naive f_i = +inf), not a smaller n that scales the others up, and a partner whose
+    re-run rows all lie outside gives an unknown floor (NaN), not a ZeroDivisionError."""
+    from entropy_callbacks.estimators import rounding_floor
+
+    gen = torch.Generator().manual_seed(0)
+    n = 12
+    f, c = torch.rand(n, generator=gen, dtype=torch.float64) * 5, torch.full((n,), 4.0, dtype=torch.float64)
+    e_s, e_f = (torch.randn(n, generator=gen, dtype=torch.float64) * 1e-7 for _ in range(2))
+    b = torch.rand(n, generator=gen, dtype=torch.float64)
+    outside = torch.zeros(n, dtype=torch.bool)
+    outside[[1, 5]] = True
+    b[outside], f[outside] = 0.0, float("inf")  # the naive integrand −S_i of an unreachable sequence
+    e_s, e_f = e_s.masked_fill(outside, float("nan")), e_f.masked_fill(outside, float("nan"))
+    inside = ~outside
+    value = (b[inside] * f[inside]).sum() / (b * c).sum()
+    r = b[inside] * (e_f[inside] + (f[inside] - value * c[inside]) * e_s[inside]) / (b * c).sum()
+    assert rounding_floor(f, c, e_s, e_f, b) == pytest.approx(2 * r.abs().sum().item(), rel=1e-12)
+    # re-run rows 0, 3, 6, 9 (NaN elsewhere): 10 sequences inside, 4 of them re-run
+    missing = torch.ones(n, dtype=torch.bool).index_fill_(0, torch.tensor([0, 3, 6, 9]), False)
+    partial = rounding_floor(f, c, e_s.masked_fill(missing, float("nan")), e_f.masked_fill(missing, float("nan")), b)
+    rerun = torch.tensor([0, 3, 6, 9])
+    r_all = torch.zeros(n, dtype=torch.float64)
+    r_all[inside] = r
+    assert partial == pytest.approx(2 * r_all[rerun].abs().sum().item() * 10 / 4, rel=1e-12)
+    only_outside = torch.ones(n, dtype=torch.bool).index_fill_(0, torch.tensor([1, 5]), False)
+    assert math.isnan(rounding_floor(f, c, e_s.masked_fill(only_outside, float("nan")),
+                                     e_f.masked_fill(only_outside, float("nan")), b))

@@ -181,3 +181,42 @@ def test_an_unusable_measurement_is_neither_plotted_nor_calibrated():
     assert len(probe.calibration.history) == 0
     probe._publish(not_rank_zero, dataclasses.replace(record, delta_measured_usable=True), None)
     assert len(probe.calibration.history) == 1
+
+
+def test_after_minus_before_is_the_shift_whichever_took_controls():
+    """Ĥ(θ₀) may take its controls where ΔH(s) does not (each on its own evidence): the reported
+    Ĥ(θ₀ + sΔθ) is still the reported Ĥ(θ₀) plus the reported ΔH(s)."""
+    from entropy_callbacks import estimators
+
+    gen = torch.Generator().manual_seed(4)
+    f, c, group, u = synthetic_draw(gen)
+    before = estimators.entropy_at_origin(f, c, group, controls=u)
+    assert before.controlled
+    log_w = 0.1 * torch.randn(f.shape, generator=gen, dtype=torch.float64)
+    shift = estimators.measured_shift(estimators.snis_weights(log_w, torch.zeros_like(log_w)), f + 0.01, f, c, group,
+                                      controls=torch.zeros_like(u), entropy_before=before.value)  # nothing to fit
+    assert not shift.shift.controlled
+    assert shift.after - before.value == pytest.approx(shift.delta, rel=1e-12, abs=1e-15)
+
+
+@pytest.mark.parametrize("gap", [20.0, 36.0, 40.0])
+def test_leave_outs_survive_one_dominant_group(gap):
+    """One sequence's SNIS log-weight far above the rest: each group's leave-out is formed from
+    the other groups' sums, not as total − own (which cancels to noise there), and the SE is the
+    delete-one-group jackknife's."""
+    from entropy_callbacks import estimators
+
+    gen = torch.Generator().manual_seed(0)
+    group = torch.tensor([0, 0, 1, 1, 1, 2, 3, 3, 3, 3])
+    f = 5 * torch.rand(10, generator=gen, dtype=torch.float64)
+    c = torch.randint(1, 6, (10,), generator=gen).double()
+    after = f + torch.rand(10, generator=gen, dtype=torch.float64)
+    log_w = torch.zeros(10, dtype=torch.float64)
+    log_w[8] = gap
+    w = estimators.snis_weights(log_w, torch.zeros(10, dtype=torch.float64))
+    shift = estimators.measured_shift(w, after, f, c, group)
+    leave_out = torch.tensor([float((w[k] * after[k]).sum() / (w[k] * c[k]).sum() - f[k].sum() / c[k].sum())
+                              for k in (group != g for g in range(4))], dtype=torch.float64)
+    assert torch.allclose(shift.shift.leave_out, leave_out, rtol=1e-12, atol=0)
+    se = float(((leave_out - leave_out.mean()) ** 2).sum().mul(3 / 4).sqrt())
+    assert shift.delta_se == pytest.approx(se, rel=1e-10)
