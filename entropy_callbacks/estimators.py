@@ -302,8 +302,17 @@ def _residuals_fitted_without(u: Tensor, targets: Tensor, dense: Tensor, num_gro
         gram = gram_of.sum(0) - gram_of[pick, None] - gram_of[None]  # [g, h, p, p] without g and h
         fitted = n - count[pick, None] - count[None]
         gram = gram + CONTROL_RIDGE * fitted[..., None, None] * ridge
+        same = torch.arange(g, min(g + chunk, num_groups))
+        gram[same - g, same] = torch.eye(size, dtype=torch.float64)  # h = g: unused, kept solvable
         moment = outside_moment[None] - moment_of[:, pick].transpose(0, 1)  # [g, h, p]
-        beta = (torch.linalg.pinv(gram, hermitian=True) @ moment[..., None])[..., 1:, 0]  # intercepts dropped
+        # The ridge makes each system positive definite (n_fit > 0): Cholesky, ~10× faster than
+        # the pinv of _cross_fitted over G² systems; pinv where a factorisation fails anyway.
+        factor, info = torch.linalg.cholesky_ex(gram)
+        beta = torch.cholesky_solve(moment[..., None], factor)
+        failed = info != 0
+        if bool(failed.any()):
+            beta[failed] = torch.linalg.pinv(gram[failed], hermitian=True) @ moment[failed][..., None]
+        beta = beta[..., 1:, 0]  # intercepts dropped
         residual[pick] = own_moment[None, :, 0] - (beta * gram_of[None, :, 0, 1:]).sum(-1)
     return residual
 
