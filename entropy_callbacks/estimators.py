@@ -294,12 +294,9 @@ def _residuals_fitted_without(u: Tensor, targets: Tensor, dense: Tensor, fold: T
     gram_fold = torch.zeros(folds, size, size, dtype=torch.float64).index_add_(0, fold, gram_of)
     own_moment = torch.zeros(num_groups, size, dtype=torch.float64).index_add_(
         0, dense, targets[dense, torch.arange(n)][:, None] * x)  # Σ_{i∈h} x_i targets[h, i]
-    moment_fold = torch.empty(num_groups, folds, size, dtype=torch.float64)  # [h, k]: Σ_{i∈k} x_i targets[h, i]
-    rows = max(1, (1 << 22) // max(1, n * size))
-    for h in range(0, num_groups, rows):
-        part = targets[h:h + rows, :, None] * x[None]
-        moment_fold[h:h + rows] = torch.zeros(part.shape[0], folds, size, dtype=torch.float64).index_add_(
-            1, fold[dense], part)
+    by_fold = torch.zeros(n, folds, size, dtype=torch.float64)
+    by_fold[torch.arange(n), fold[dense]] = x  # x_i in its fold's block, 0 in the others
+    moment_fold = (targets @ by_fold.view(n, -1)).view(num_groups, folds, size)  # [h, k]: Σ_{i∈k} x_i targets[h, i]
     outside_moment = moment_fold.sum(1) - own_moment  # [h]: over the groups other than h
     gram = gram_fold.sum(0) - gram_fold[:, None] - gram_of[None]  # [k, h, p, p]: without fold k and h
     fitted = n - gram_fold[:, None, 0, 0] - gram_of[None, :, 0, 0]
