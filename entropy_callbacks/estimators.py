@@ -254,17 +254,21 @@ def control_corrections(columns: Tensor, per_group: Tensor, dense: Tensor, stati
     own = torch.zeros(num_groups, dtype=torch.float64).index_add_(
         0, dense, influence[dense, torch.arange(dense.numel())])  # Σ_{i∈h} ψ_i as h's fit sees it
     best_spread = (1 - CONTROL_MARGIN) * spread_outside(own.expand(folds, -1))
-    best = torch.zeros(dense.numel(), dtype=torch.float64)
-    used = False
-    for chosen in sorted(candidates):
-        features = u[:, list(chosen)]
-        residual_spread = spread_outside(_residuals_fitted_without(features, influence, dense, fold))
+    best_set = torch.full((folds,), -1)  # per fold, the index of its feature set (−1: none)
+    sets = sorted(candidates)
+    for index, residual in enumerate(_residuals_fitted_without(u, influence, dense, fold, sets)):
+        residual_spread = spread_outside(residual)
         better = residual_spread < best_spread
-        if bool(better.any()):
-            best_spread = torch.where(better, residual_spread, best_spread)
-            best = torch.where(better[fold[dense]], _cross_fitted(features, influence, dense, num_groups), best)
-            used = True
-    return best if used else None
+        best_spread = torch.where(better, residual_spread, best_spread)
+        best_set = torch.where(better, index, best_set)
+    if not bool((best_set >= 0).any()):
+        return None
+    correction = torch.zeros(dense.numel(), dtype=torch.float64)
+    for index in best_set.unique().tolist():
+        if index >= 0:
+            fitted = _cross_fitted(u[:, list(sets[index])], influence, dense, num_groups)
+            correction = torch.where(best_set[fold[dense]] == index, fitted, correction)
+    return correction
 
 
 def _cross_fitted(u: Tensor, targets: Tensor, dense: Tensor, num_groups: int) -> Tensor:
@@ -281,13 +285,14 @@ def _cross_fitted(u: Tensor, targets: Tensor, dense: Tensor, num_groups: int) ->
     return (u * beta[dense]).sum(1)
 
 
-def _residuals_fitted_without(u: Tensor, targets: Tensor, dense: Tensor, fold: Tensor) -> Tensor:
-    """[K, G]: entry (k, h), for h outside fold k (``fold``: each group's fold), is group h's
-    residual Σ_{i∈h} (targets[h, i] − β_(−k,−h)·u_i), with β_(−k,−h) the ridge fit (as
-    ``_cross_fitted``) of targets[h] on [1, u] over the groups in neither fold k nor h: what the
-    choice of features for fold k's groups may look at, none of it fitted on them. Entries with
-    h in fold k are not used."""
-    x = torch.cat([torch.ones_like(u[:, :1]), u], 1)  # [N, p]
+def _residuals_fitted_without(u: Tensor, targets: Tensor, dense: Tensor, fold: Tensor,
+                              subsets: Sequence[Sequence[int]]) -> list[Tensor]:
+    """Per subset of u's columns, [K, G]: entry (k, h), for h outside fold k (``fold``: each
+    group's fold), is group h's residual Σ_{i∈h} (targets[h, i] − β_(−k,−h)·u_i), with
+    β_(−k,−h) the ridge fit (as ``_cross_fitted``) of targets[h] on [1, u] over the groups in
+    neither fold k nor h: what the choice of features for fold k's groups may look at, none of
+    it fitted on them. Entries with h in fold k are not used."""
+    x = torch.cat([torch.ones_like(u[:, :1]), u], 1)  # [N, p]: every subset's X'X is a block of these
     (n, size), num_groups, folds = x.shape, targets.shape[0], int(fold.max()) + 1
     gram_of = torch.zeros(num_groups, size, size, dtype=torch.float64).index_add_(
         0, dense, x[:, :, None] * x[:, None, :])  # each group's X'X; row 0 holds (n_h, Σ_{i∈h} u_i)
@@ -299,20 +304,24 @@ def _residuals_fitted_without(u: Tensor, targets: Tensor, dense: Tensor, fold: T
     moment_fold = (targets @ by_fold.view(n, -1)).view(num_groups, folds, size)  # [h, k]: Σ_{i∈k} x_i targets[h, i]
     outside_moment = moment_fold.sum(1) - own_moment  # [h]: over the groups other than h
     gram = gram_fold.sum(0) - gram_fold[:, None] - gram_of[None]  # [k, h, p, p]: without fold k and h
-    fitted = n - gram_fold[:, None, 0, 0] - gram_of[None, :, 0, 0]
-    ridge = torch.diag(torch.cat([torch.zeros(1, dtype=torch.float64), torch.ones(size - 1, dtype=torch.float64)]))
-    gram = gram + CONTROL_RIDGE * fitted[..., None, None] * ridge
-    inside = fold[None, :] == torch.arange(folds)[:, None]
-    gram[inside] = torch.eye(size, dtype=torch.float64)  # h in fold k: unused, kept solvable
     moment = outside_moment[None] - moment_fold.transpose(0, 1)  # [k, h, p]
-    # The ridge makes each system positive definite (n_fit > 0): Cholesky, several times faster
-    # than pinv over K·G systems; pinv where a factorisation fails anyway.
-    factor, info = torch.linalg.cholesky_ex(gram)
-    beta = torch.cholesky_solve(moment[..., None], factor)
-    failed = info != 0
-    if bool(failed.any()):
-        beta[failed] = torch.linalg.pinv(gram[failed], hermitian=True) @ moment[failed][..., None]
-    return own_moment[None, :, 0] - (beta[..., 1:, 0] * gram_of[None, :, 0, 1:]).sum(-1)
+    fitted = n - gram_fold[:, None, 0, 0] - gram_of[None, :, 0, 0]
+    inside = fold[None, :] == torch.arange(folds)[:, None]
+    residuals = []
+    for subset in subsets:
+        pick = torch.tensor([0, *(1 + j for j in subset)])
+        ridge = torch.diag(torch.cat([torch.zeros(1, dtype=torch.float64), torch.ones(len(subset), dtype=torch.float64)]))
+        chosen = gram[..., pick[:, None], pick] + CONTROL_RIDGE * fitted[..., None, None] * ridge
+        chosen[inside] = torch.eye(len(pick), dtype=torch.float64)  # h in fold k: unused, kept solvable
+        # The ridge makes each system positive definite (n_fit > 0): Cholesky, several times
+        # faster than pinv over K·G systems; pinv where a factorisation fails anyway.
+        factor, info = torch.linalg.cholesky_ex(chosen)
+        beta = torch.cholesky_solve(moment[..., pick, None], factor)
+        failed = info != 0
+        if bool(failed.any()):
+            beta[failed] = torch.linalg.pinv(chosen[failed], hermitian=True) @ moment[..., pick, None][failed]
+        residuals.append(own_moment[None, :, 0] - (beta[..., 1:, 0] * gram_of[None, :, 0, pick[1:]]).sum(-1))
+    return residuals
 
 
 def _ratio(sums: Tensor) -> Tensor:
