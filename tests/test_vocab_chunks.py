@@ -14,6 +14,17 @@ from entropy_callbacks.params import StepPoint
 from tiny_models import EOS, PAD, VOCAB, tiny_model
 
 
+def own_log_probs(model, batch) -> torch.Tensor:
+    """S_i from the model's own forward: the reference the probe's split head must match."""
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                       position_ids=(batch.attention_mask.cumsum(-1) - 1).clamp(min=0)).logits
+    log_q = logits[:, batch.prompt_length - 1:-1].log_softmax(-1)
+    targets = batch.input_ids[:, batch.prompt_length:]
+    counted = batch.response_mask[:, batch.prompt_length:]
+    return (log_q.gather(-1, targets[..., None]).squeeze(-1) * counted).sum(-1)
+
+
 @pytest.mark.parametrize("truncated", [False, True])
 def test_chunked_vocabulary_side_changes_nothing(tmp_path, monkeypatch, truncated):
     config = (SamplingConfig(max_new_tokens=6, temperature=0.7, top_p=0.9, top_k=6) if truncated
@@ -66,14 +77,7 @@ def test_split_head_is_used_only_where_it_is_the_models_own(tmp_path):
         assert scoring._separable_head(capped, batch) is None
         base = {n: p.detach().clone() for n, p in capped.named_parameters()}
         values = scoring.score_values(capped, batch, StepPoint(base, {}, 0.0, None), "rb", at_origin=True)
-        with torch.no_grad():
-            logits = capped(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                            position_ids=(batch.attention_mask.cumsum(-1) - 1).clamp(min=0)).logits
-        log_q = logits[:, batch.prompt_length - 1:-1].log_softmax(-1)
-        targets = batch.input_ids[:, batch.prompt_length:]
-        counted = batch.response_mask[:, batch.prompt_length:]
-        expected = (log_q.gather(-1, targets[..., None]).squeeze(-1) * counted).sum(-1)
-        assert torch.allclose(values.log_prob, expected, rtol=1e-12)
+        assert torch.allclose(values.log_prob, own_log_probs(capped, batch), rtol=1e-12)
     finally:
         type(capped).forward = original
 
@@ -94,11 +98,4 @@ def test_a_replaced_head_is_the_one_scored(tmp_path):
                                                init_lora_weights=False), model)
     assert model.get_output_embeddings() is not old_head
     values = scoring.score_values(model, batch, empty, "rb", at_origin=True)
-    with torch.no_grad():
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                       position_ids=(batch.attention_mask.cumsum(-1) - 1).clamp(min=0)).logits
-    log_q = logits[:, batch.prompt_length - 1:-1].log_softmax(-1)
-    targets = batch.input_ids[:, batch.prompt_length:]
-    counted = batch.response_mask[:, batch.prompt_length:]
-    expected = (log_q.gather(-1, targets[..., None]).squeeze(-1) * counted).sum(-1)
-    assert torch.allclose(values.log_prob, expected, rtol=1e-12)
+    assert torch.allclose(values.log_prob, own_log_probs(model, batch), rtol=1e-12)
