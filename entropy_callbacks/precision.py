@@ -97,9 +97,9 @@ def partner_dtype(dtype: torch.dtype) -> torch.dtype:
 
 # ---------------------------------------------------------------------------- flags
 _FP32_PRECISION_ATTRS = (
-    ("cuda", "matmul"), ("cudnn", "conv"), ("cudnn", "rnn"), ("mkldnn", "matmul"), ("mkldnn", "conv"),
+    (), ("cuda", "matmul"), ("cudnn", "conv"), ("cudnn", "rnn"), ("mkldnn", "matmul"), ("mkldnn", "conv"),
     ("mkldnn", "rnn"),
-)
+)  # () is torch.backends' own, which the others inherit while "none": set and restored before them
 
 
 def _backend(path: tuple[str, ...]):
@@ -115,10 +115,14 @@ def _backend(path: tuple[str, ...]):
 def exact_numerics(device: torch.device) -> Iterator[None]:
     """float32 matmuls/convolutions in IEEE precision (no TF32, no bf16x3 on CPU) and autocast
     off, for the duration; every flag is put back exactly as it was."""
-    matmul = torch.get_float32_matmul_precision()
+    try:
+        matmul = torch.get_float32_matmul_precision()
+    except RuntimeError:  # the run set the per-backend fp32_precision API, which the legacy getter refuses to mix
+        matmul = None
     saved = [(b, b.fp32_precision) for b in map(_backend, _FP32_PRECISION_ATTRS) if b is not None]
     try:
-        torch.set_float32_matmul_precision("highest")
+        if matmul is not None:
+            torch.set_float32_matmul_precision("highest")
         for backend, _ in saved:
             backend.fp32_precision = "ieee"
         with contextlib.ExitStack() as stack:
@@ -127,7 +131,8 @@ def exact_numerics(device: torch.device) -> Iterator[None]:
                     stack.enter_context(torch.autocast(device_type, enabled=False))
             yield
     finally:
-        torch.set_float32_matmul_precision(matmul)
+        if matmul is not None:
+            torch.set_float32_matmul_precision(matmul)
         for backend, value in saved:
             backend.fp32_precision = value
 

@@ -330,3 +330,29 @@ def test_floor_with_sequences_outside_the_support():
     only_outside = torch.ones(n, dtype=torch.bool).index_fill_(0, torch.tensor([1, 5]), False)
     assert math.isnan(rounding_floor(f, c, e_s.masked_fill(only_outside, float("nan")),
                                      e_f.masked_fill(only_outside, float("nan")), b))
+
+
+def test_probe_runs_under_the_per_backend_fp32_precision_api(tmp_path):
+    """A run that set TF32 through torch's per-backend API (torch.backends.cuda.matmul.fp32_precision
+    = "tf32"), on which torch.get_float32_matmul_precision() raises: the passes still run in IEEE
+    float32 and every flag is put back as it was."""
+    from entropy_callbacks.precision import exact_numerics
+
+    backends = torch.backends
+    leaves = (backends.cuda.matmul, backends.mkldnn.matmul, backends.cudnn.conv)
+    before = [backends.fp32_precision] + [leaf.fp32_precision for leaf in leaves]
+    backends.cuda.matmul.fp32_precision = "tf32"
+    try:
+        with pytest.raises(RuntimeError):
+            torch.get_float32_matmul_precision()  # what the probe used to call first
+        set_by_run = [backends.fp32_precision] + [leaf.fp32_precision for leaf in leaves]
+        with exact_numerics(torch.device("cpu")):
+            assert all(leaf.fp32_precision == "ieee" for leaf in leaves)
+        assert [backends.fp32_precision] + [leaf.fp32_precision for leaf in leaves] == set_by_run
+        model = tiny_model("llama", tmp_path, vocab=VOCAB)
+        batch = sample_batch(model, PROMPTS, CONFIG, eos_token_id=EOS, pad_token_id=PAD, responses_per_prompt=2)
+        assert math.isfinite(entropy_estimate(model, batch).value)
+    finally:
+        backends.fp32_precision = before[0]
+        for leaf, value in zip(leaves, before[1:]):
+            leaf.fp32_precision = value
