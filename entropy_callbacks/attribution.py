@@ -26,7 +26,7 @@ from . import estimators
 from .engine import _cpu, _prepare, check_options
 from .attention import probe_attention
 from .model_guard import probe_mode
-from .optimizer_split import split_step
+from .optimizer_split import StepSplit, split_step
 from .params import StepPoint, check_point
 from .precision import Precision, check_precision, pass_numerics, resolve_precision
 from .results import Attribution
@@ -107,7 +107,8 @@ class GradientsOnE:
 def attribute_delta_h(model, batch: ProbeBatch, base: Mapping[str, Tensor], optimizer: torch.optim.Optimizer,
                       update_losses: UpdateLosses, *, normalize: str = "token", estimator: str = "rb",
                       microbatch_size: int | None = None, clip_factor: float | None = None,
-                      precision: Precision = "auto", standard_errors: bool = False) -> Attribution:
+                      precision: Precision = "auto", standard_errors: bool = False,
+                      step_split: StepSplit | None = None) -> Attribution:
     """Split the linear prediction of ΔH along the step ``optimizer`` just took from ``base``
     (θ₀) to the model's current parameters among the samples of the update batch.
 
@@ -117,6 +118,10 @@ def attribute_delta_h(model, batch: ProbeBatch, base: Mapping[str, Tensor], opti
     the objective whose gradient was applied. ``clip_factor``: c with g = c·Σ_u ∇L_u (e.g. from
     gradient clipping); None fits it as ⟨g, G⟩/⟨G, G⟩ with G = ∇Σ_u L_u from one reverse pass
     over U. For an optimizer ``optimizer_split`` does not cover, only ``linear`` is given.
+
+    ``step_split``: ``optimizer_split.split_step`` taken right after the step, for when the
+    optimizer has moved on since (a scheduler's lr, a later step's gradients); by default it is
+    taken from ``optimizer`` now.
 
     ``standard_errors``: the grouped-jackknife SE over E's prompt groups of every a_u
     (``per_sample_se``), at the cost of one more reverse pass over E, split by group, and G + 1
@@ -134,7 +139,7 @@ def attribute_delta_h(model, batch: ProbeBatch, base: Mapping[str, Tensor], opti
     if not names:
         raise ValueError("base names no trainable parameter; pass θ₀ of the trainable parameters (step.snapshot)")
     delta = {n: params[n].detach().double() - base[n].detach().to(params[n].device).double() for n in names}
-    split = split_step(optimizer, {id(p): n for n, p in params.items()}, base)
+    split = step_split if step_split is not None else split_step(optimizer, {id(p): n for n, p in params.items()}, base)
     if split is not None and not split.gain:
         raise ValueError("the optimizer holds no gradient for the parameters in base; call attribute_delta_h "
                          "after optimizer.step() and before zero_grad()")

@@ -30,6 +30,7 @@ from .reporting import (SMALL_G, JsonlFile, SeriesRuns, custom_scalars_layout, l
                         summary_table)
 from .sampling import DecodeOptions, ProbeBatch, SamplingConfig, check_sampling_inputs
 from .attribution import attribute_delta_h
+from .optimizer_split import split_step
 from .rollout_attribution import concatenated_losses, record_fields, rollout_info, supports_attribution
 from .step_probe import DEFAULT_DEFENSIVE, ProbeOptions, ProbeRecord, StepProbe
 
@@ -148,6 +149,9 @@ class EntropyProbe(Callback):
         self.attribution_top_k = attribution_top_k
         self._step_batches: list = []  # the training batches since the last optimizer step
         self._probe_optimizer = None
+        self._step_split = None  # the optimizer's split of the probed step, taken as it returned
+        self._warned_split_batch = False
+        self._steps_in_batch = 0  # optimizer steps in the current training batch
         self.name = name
         self.prefix = "entropy/" if name is None else f"entropy/{name}/"
         self.prompts = load_prompts(prompts)
@@ -234,6 +238,7 @@ class EntropyProbe(Callback):
         core, step = self.core, trainer.global_step
         if core is None:
             return
+        self._steps_in_batch += 1
         if self._due_step is not None and self._due_step < step:  # a step earlier in this batch
             finished, self._due_step = self._due_step, None
             self._finished.add(finished)
@@ -243,6 +248,7 @@ class EntropyProbe(Callback):
         self._due_step = step
         lr = float(optimizer.param_groups[0]["lr"]) if optimizer.param_groups else math.nan
         self._probe_optimizer = getattr(optimizer, "_optimizer", optimizer)
+        self._step_split = None
         self._last_batch = self._contained(step, lambda: core.begin(self.policy, step, lr))
         if core.pending is not None:
             # Δθ is taken the moment this optimizer's step returns, whatever runs before the batch
@@ -251,6 +257,14 @@ class EntropyProbe(Callback):
             def captured(*args, **kwargs) -> None:  # removed when the probe finishes, not in here
                 if core.pending is not None and core.pending.step == step:
                     self._contained(step, lambda: core.capture(self.policy))
+                    if core.pending is not None and self._attributes(trainer):
+                        # lr, gradients and moments as this step used them: a scheduler or a
+                        # later step in the batch changes them before the probe finishes
+                        try:
+                            self._step_split = split_step(self._probe_optimizer, {
+                                id(p): n for n, p in self.policy.named_parameters()}, core.pending.before)
+                        except Exception:  # noqa: BLE001 - attribution then takes it later, or fails on its own
+                            self._step_split = None
 
             torch_optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer's own
             self._capture_handle = torch_optimizer.register_step_post_hook(captured)
@@ -261,8 +275,14 @@ class EntropyProbe(Callback):
             self._capture_handle = None
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        self._steps_in_batch = 0
         if self.core is not None and self.attribution and supports_attribution(pl_module):
             self._step_batches.append(batch)
+
+    def _attributes(self, trainer: pl.Trainer) -> bool:
+        """Whether this probe's step is attributed to the samples of its batches."""
+        return (self.attribution and supports_attribution(trainer.lightning_module) and bool(self._step_batches)
+                and trainer.world_size == 1 and self._probe_optimizer is not None)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
@@ -342,16 +362,23 @@ class EntropyProbe(Callback):
     def _attribute(self, trainer: pl.Trainer, record: ProbeRecord, before, batch_e) -> None:
         """Fill the record's attribution fields; a failure leaves them empty and training going."""
         module = trainer.lightning_module
-        if (not self.attribution or not supports_attribution(module) or not self._step_batches
-                or trainer.world_size > 1 or self._probe_optimizer is None):
+        if not self._attributes(trainer):
+            return
+        if self._steps_in_batch > 1:  # each step used part of the batch, and which part is the module's
+            if not self._warned_split_batch:
+                self._warned_split_batch = True
+                warnings.warn("EntropyProbe: a training batch took several optimizer steps, so its samples cannot "
+                              "be assigned to one step; attribution is skipped for such steps", RuntimeWarning,
+                              stacklevel=2)
             return
         o = self.options
-        batches = list(self._step_batches)
+        batches, step_split = list(self._step_batches), self._step_split
 
         def attribute() -> None:
             found = attribute_delta_h(self.policy, batch_e, before, self._probe_optimizer,
                                       concatenated_losses(module, self.policy, batches), normalize=o.normalize,
-                                      estimator=o.estimator, microbatch_size=o.microbatch_size, precision=o.precision)
+                                      estimator=o.estimator, microbatch_size=o.microbatch_size, precision=o.precision,
+                                      step_split=step_split)
             info = rollout_info(module, batches)
             for name, value in record_fields(found, info, record.lr, self.attribution_top_k).items():
                 setattr(record, name, value)

@@ -123,7 +123,7 @@ class ProbeRecord:
     taylor_error_se: float = math.nan  # jackknife SE of the paired difference measured − prediction
     ess: float = math.nan
     step_norm: float = math.nan
-    lr: float = math.nan
+    lr: float = math.nan  # the first parameter group's, as the step used it (before a scheduler steps)
     delta_linear_per_lr: float = math.nan
     delta_linear_per_lr_se: float = math.nan
     probe_seconds: float = math.nan

@@ -23,9 +23,35 @@ pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"),
 PROMPTS = ["2 3 =", "0 8 =", "1 1 =", "0 7 =", "4 8 =", "1 3 =", "0 1 =", "9 1 ="]
 
 
-def fit(tmp_path, attribution: bool = True, steps: int = 3, accumulate: int = 1, quiet: bool = True):
+class ScheduledGRPO(GRPOModule):
+    """The toy module with a per-step scheduler: lr × 0.25 after every step."""
+
+    def configure_optimizers(self):
+        optimizer = super().configure_optimizers()
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 0.25 ** k)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class TwoStepsPerBatchGRPO(GRPOModule):
+    """Manual optimization with two optimizer steps per batch (each on the whole batch here)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.automatic_optimization = False
+
+    def training_step(self, prompt_indices, batch_idx: int):
+        optimizer = self.optimizers()
+        for _ in range(2):
+            loss = super().training_step(prompt_indices, batch_idx)
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            optimizer.step()
+
+
+def fit(tmp_path, attribution: bool = True, steps: int = 3, accumulate: int = 1, quiet: bool = True,
+        module_class=GRPOModule):
     pl.seed_everything(0)
-    module = GRPOModule(sampling=SamplingConfig(max_new_tokens=3), group_size=4, prompts_per_step=4)
+    module = module_class(sampling=SamplingConfig(max_new_tokens=3), group_size=4, prompts_per_step=4)
     probe = EntropyProbe(prompts=PROMPTS, tokenizer="tokenizer", sampling=SamplingConfig(max_new_tokens=3),
                          every_n_steps=1, responses_per_prompt=4, order=1, attribution=attribution)
     trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=TensorBoardLogger(tmp_path, name=""),
@@ -70,6 +96,24 @@ def test_each_step_is_split_among_its_rollouts(tmp_path, accumulate):
     # Adam's m_0 = 0: no momentum at the first step (to float32 rounding of m_1), some after
     assert abs(records[0]["attribution_momentum"]) <= 1e-6 * abs(records[0]["attribution_linear"])
     assert abs(records[1]["attribution_momentum"]) > 1e-3 * abs(records[1]["attribution_linear"])
+
+
+def test_a_per_step_scheduler_does_not_change_the_split(tmp_path):
+    """The split uses the lr, gradients and moments the step used: taken as the step returns,
+    before Lightning steps the scheduler (with the next step's lr the split was 4× too small)."""
+    _, records = fit(tmp_path, module_class=ScheduledGRPO)
+    assert [r["lr"] for r in records] == pytest.approx([3e-4 * 0.25 ** k for k in range(3)])
+    for record in records:
+        assert abs(record["attribution_residual"]) <= 1e-4 * abs(record["attribution_linear"])
+
+
+def test_a_batch_with_several_steps_is_not_attributed(tmp_path):
+    """Two optimizer steps per batch (manual optimization): which samples made which step is the
+    module's, so attribution is skipped with a warning; the probe's own numbers stand."""
+    with pytest.warns(RuntimeWarning, match="several optimizer steps"):
+        _, records = fit(tmp_path, steps=4, quiet=False, module_class=TwoStepsPerBatchGRPO)
+    assert len(records) == 4
+    assert all(math.isfinite(r["delta_linear"]) and r["attribution_linear"] is None and not r["rollout_a"] for r in records)
 
 
 def test_attribution_changes_nothing_in_training(tmp_path):
