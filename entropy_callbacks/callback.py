@@ -332,6 +332,7 @@ class EntropyProbe(Callback):
 
     def _finish_probe(self, trainer: pl.Trainer, step: int) -> None:
         self._release_capture()
+        step_split, self._step_split = self._step_split, None  # float64 per parameter: not kept past its probe
         core = self.core
         before = core.pending.before if core.pending is not None else None
         local = self._contained(step, lambda: core.measure_local(self.policy)) if core.pending else None
@@ -346,7 +347,7 @@ class EntropyProbe(Callback):
             self._skip_failed(trainer, step, "its summary failed")
             return
         if record is not None and not record.skipped and before is not None and batch_e is not None:
-            self._attribute(trainer, record, before, batch_e)
+            self._attribute(trainer, record, before, batch_e, step_split)
         self._last_batch = None  # E leaves the device between probes
         if record is not None:
             self._publish(trainer, record, batch_e)
@@ -359,7 +360,7 @@ class EntropyProbe(Callback):
                       RuntimeWarning, stacklevel=3)
         self._log_metrics(trainer, {f"{self.prefix}probe_errors": float(self.probe_errors)}, step)
 
-    def _attribute(self, trainer: pl.Trainer, record: ProbeRecord, before, batch_e) -> None:
+    def _attribute(self, trainer: pl.Trainer, record: ProbeRecord, before, batch_e, step_split) -> None:
         """Fill the record's attribution fields; a failure leaves them empty and training going."""
         module = trainer.lightning_module
         if not self._attributes(trainer):
@@ -372,7 +373,7 @@ class EntropyProbe(Callback):
                               stacklevel=2)
             return
         o = self.options
-        batches, step_split = list(self._step_batches), self._step_split
+        batches = list(self._step_batches)
 
         def attribute() -> None:
             found = attribute_delta_h(self.policy, batch_e, before, self._probe_optimizer,

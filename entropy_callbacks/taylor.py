@@ -170,8 +170,9 @@ def _view(func, x, size):
 def _mark_views(x, out):
     """Flag a jet and the jets that view its memory (a structural op's outputs), for ``_in_place``."""
     if isinstance(x, Jet):
+        memory = x.value.untyped_storage().data_ptr()
         views = [t for t in (out if isinstance(out, (list, tuple)) else (out,))
-                 if isinstance(t, Jet) and t.value.untyped_storage().data_ptr() == x.value.untyped_storage().data_ptr()]
+                 if isinstance(t, Jet) and t.value.untyped_storage().data_ptr() == memory]
         for t in views:
             t.viewed = True
         if views:
