@@ -272,17 +272,31 @@ def control_corrections(columns: Tensor, per_group: Tensor, dense: Tensor, stati
 
 
 def _cross_fitted(u: Tensor, targets: Tensor, dense: Tensor, num_groups: int) -> Tensor:
-    """u_i·β_(−g(i)), with β_(−g) the ridge fit (``CONTROL_RIDGE``) of ``targets[g]`` [N] on
-    [1, u] over the sequences outside group g."""
+    """u_i·β_(−g(i)), with β_(−g) the ridge fit (``_ridge_coefficients``) of ``targets[g]`` [N]
+    on [1, u] over the sequences outside group g."""
     x = torch.cat([torch.ones_like(u[:, :1]), u], 1)
-    size = x.shape[1]
     outside = (dense[None, :] != torch.arange(num_groups)[:, None]).to(torch.float64)  # [G, N]
     gram = torch.einsum("gn,ni,nj->gij", outside, x, x)
-    ridge = torch.diag(torch.cat([torch.zeros(1, dtype=torch.float64), torch.ones(size - 1, dtype=torch.float64)]))
-    gram = gram + CONTROL_RIDGE * outside.sum(1)[:, None, None] * ridge  # the intercept is not shrunk
     moment = torch.einsum("gn,ni,gn->gi", outside, x, targets)
-    beta = (torch.linalg.pinv(gram, hermitian=True) @ moment[:, :, None])[:, 1:, 0]  # [G, J], intercepts dropped
+    beta = _ridge_coefficients(gram, moment, outside.sum(1))  # [G, J]
     return (u * beta[dense]).sum(1)
+
+
+def _ridge_coefficients(gram: Tensor, moment: Tensor, fitted: Tensor) -> Tensor:
+    """β of the fits (X'X + CONTROL_RIDGE·n_fit·I)⁻¹ X'y on [1, u], batched over the leading
+    dims of ``gram`` [..., p, p] and ``moment`` [..., p] (``fitted``: n_fit), the intercept
+    unshrunk and dropped from β. The ridge makes each system positive definite when n_fit > 0:
+    Cholesky, several times faster than pinv over many small systems; pinv where a
+    factorisation fails anyway."""
+    size = gram.shape[-1]
+    ridge = torch.diag(torch.cat([torch.zeros(1, dtype=torch.float64), torch.ones(size - 1, dtype=torch.float64)]))
+    gram = gram + CONTROL_RIDGE * fitted[..., None, None] * ridge
+    factor, info = torch.linalg.cholesky_ex(gram)
+    beta = torch.cholesky_solve(moment[..., None], factor)
+    failed = info != 0
+    if bool(failed.any()):
+        beta[failed] = torch.linalg.pinv(gram[failed], hermitian=True) @ moment[..., None][failed]
+    return beta[..., 1:, 0]
 
 
 def _residuals_fitted_without(u: Tensor, targets: Tensor, dense: Tensor, fold: Tensor,
@@ -307,20 +321,14 @@ def _residuals_fitted_without(u: Tensor, targets: Tensor, dense: Tensor, fold: T
     moment = outside_moment[None] - moment_fold.transpose(0, 1)  # [k, h, p]
     fitted = n - gram_fold[:, None, 0, 0] - gram_of[None, :, 0, 0]
     inside = fold[None, :] == torch.arange(folds)[:, None]
+    fitted[inside] = 0.0  # h in fold k: unused, kept solvable as the identity below
     residuals = []
     for subset in subsets:
         pick = torch.tensor([0, *(1 + j for j in subset)])
-        ridge = torch.diag(torch.cat([torch.zeros(1, dtype=torch.float64), torch.ones(len(subset), dtype=torch.float64)]))
-        chosen = gram[..., pick[:, None], pick] + CONTROL_RIDGE * fitted[..., None, None] * ridge
-        chosen[inside] = torch.eye(len(pick), dtype=torch.float64)  # h in fold k: unused, kept solvable
-        # The ridge makes each system positive definite (n_fit > 0): Cholesky, several times
-        # faster than pinv over K·G systems; pinv where a factorisation fails anyway.
-        factor, info = torch.linalg.cholesky_ex(chosen)
-        beta = torch.cholesky_solve(moment[..., pick, None], factor)
-        failed = info != 0
-        if bool(failed.any()):
-            beta[failed] = torch.linalg.pinv(chosen[failed], hermitian=True) @ moment[..., pick, None][failed]
-        residuals.append(own_moment[None, :, 0] - (beta[..., 1:, 0] * gram_of[None, :, 0, pick[1:]]).sum(-1))
+        chosen = gram[..., pick[:, None], pick]
+        chosen[inside] = torch.eye(len(pick), dtype=torch.float64)
+        beta = _ridge_coefficients(chosen, moment[..., pick], fitted)
+        residuals.append(own_moment[None, :, 0] - (beta * gram_of[None, :, 0, pick[1:]]).sum(-1))
     return residuals
 
 
